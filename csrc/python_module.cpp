@@ -1,0 +1,34 @@
+// The Python extension module distillm_ext._C. Importing it registers the operators (static
+// initializers of the linked kernels); it also reports how it was built.
+#include <pybind11/pybind11.h>
+
+#include <torch/version.h>
+
+#ifndef DISTILLM_CUDA_ARCHS
+#define DISTILLM_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "distillm_ext compiled operators (torch.ops.distillm.*)";
+  module.def("build_info", [] {
+    py::dict info;
+#ifdef DISTILLM_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_version"] = DISTILLM_CUDA_VERSION;
+#else
+    info["cuda"] = false;
+    info["cuda_version"] = py::none();
+#endif
+    info["cuda_archs"] = DISTILLM_CUDA_ARCHS;
+    info["torch_version"] = TORCH_VERSION;
+    info["debug"] =
+#ifdef DISTILLM_DEBUG
+        true;
+#else
+        false;
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,190 @@
+// Torch glue of distillm::_skew_kl_forward: input checks, allocation, the raw-pointer view the
+// schedules take, and the CPU / CUDA / Meta registrations.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "skew_kl_cpu.h"
+
+#ifdef DISTILLM_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "skew_kl_cuda.h"
+#endif
+
+namespace distillm::skew_kl_impl {
+namespace {
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                  const std::optional<at::Tensor>& labels, double alpha, double temperature) {
+  for (const auto* arg : {&student, &teacher}) {
+    const char* name = arg == &student ? "student_logits" : "teacher_logits";
+    const auto dtype = arg->scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "skew_kl: ",
+                name, " must be float32, float16 or bfloat16, got ", dtype);
+    TORCH_CHECK(arg->dim() >= 1, "skew_kl: ", name,
+                " must have at least one dimension (the vocabulary), got a scalar");
+  }
+  TORCH_CHECK(student.sym_size(-1) == teacher.sym_size(-1),
+              "skew_kl: vocabulary size (last dimension) of teacher_logits must match "
+              "student_logits, got ", teacher.sym_size(-1), " and ", student.sym_size(-1));
+  TORCH_CHECK(student.sym_sizes() == teacher.sym_sizes(),
+              "skew_kl: teacher_logits must have the same shape as student_logits, got ",
+              teacher.sym_sizes(), " and ", student.sym_sizes());
+  TORCH_CHECK(student.sym_size(-1) != 0,
+              "skew_kl: the vocabulary (last) dimension of the logits is empty; need at least one "
+              "entry, got shape ", student.sym_sizes());
+  TORCH_CHECK(student.device() == teacher.device(),
+              "skew_kl: student_logits and teacher_logits must be on the same device, got ",
+              student.device(), " and ", teacher.device());
+  for (const auto* arg : {&student, &teacher}) {
+    TORCH_CHECK(arg->sym_size(-1) == 1 || arg->sym_stride(-1) == 1, "skew_kl: ",
+                arg == &student ? "student_logits" : "teacher_logits",
+                " must be contiguous in its last (vocabulary) dimension, got stride ",
+                arg->sym_stride(-1), "; call .contiguous() first");
+  }
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK(at::isIntegralType(l.scalar_type(), /*includeBool=*/false),
+                "skew_kl: labels must be an integer tensor, got ", l.scalar_type());
+    const auto leading = student.sym_sizes().slice(0, student.dim() - 1);
+    TORCH_CHECK(l.sym_sizes() == leading, "skew_kl: labels must have the leading shape of the "
+                "logits ", leading, " (logits ", student.sym_sizes(), "), got ", l.sym_sizes());
+    TORCH_CHECK(l.device() == student.device(), "skew_kl: labels must be on the device of the "
+                "logits (", student.device(), "), got ", l.device());
+  }
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, "skew_kl: alpha must be in [0, 1), got ", alpha);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
+                    "skew_kl: temperature must be a positive finite number, got ", temperature);
+}
+
+Constants make_constants(double alpha, double temperature) {
+  Constants c;
+  c.alpha = static_cast<float>(alpha);
+  c.one_minus_alpha = static_cast<float>(1.0 - alpha);
+  c.log_alpha = static_cast<float>(std::log(alpha));  // -inf at alpha == 0
+  c.log_one_minus_alpha = static_cast<float>(std::log1p(-alpha));
+  c.inv_temperature = static_cast<float>(1.0 / temperature);
+  return c;
+}
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "skew_kl: unsupported dtype ", t);
+  }
+}
+
+// Folds the leading dimensions into as few (size, stride) pairs as the strides allow, so a
+// contiguous tensor is one dimension and `logits[:, :-1]` is two. Empty when more remain.
+std::optional<RowLayout> leading_layout(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride), outermost first
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (!dims.empty() && dims.back().second == size * stride) {
+      dims.back() = {dims.back().first * size, stride};
+    } else {
+      dims.emplace_back(size, stride);
+    }
+  }
+  if (dims.empty()) dims.emplace_back(1, 0);
+  if (dims.size() > static_cast<size_t>(kMaxLeadingDims)) return std::nullopt;
+  RowLayout layout{};
+  layout.num_dims = static_cast<int>(dims.size());
+  for (size_t i = 0; i < dims.size(); ++i) {
+    layout.sizes[i] = dims[i].first;
+    layout.strides[i] = dims[i].second;
+  }
+  return layout;
+}
+
+at::Tensor with_row_layout(const at::Tensor& t, RowLayout& layout) {
+  if (auto found = leading_layout(t)) {
+    layout = *found;
+    return t;
+  }
+  at::Tensor copy = t.contiguous();  // more than kMaxLeadingDims strided dims: rare
+  layout = *leading_layout(copy);
+  return copy;
+}
+
+std::vector<c10::SymInt> leading_shape(const at::Tensor& t) {
+  const auto sizes = t.sym_sizes();
+  return {sizes.begin(), sizes.end() - 1};
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, bool compute_grad) {
+  at::Tensor row_loss = at::empty_symint(leading_shape(student), student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty_symint(student.sym_sizes(), student.options())
+                                 : at::empty({0}, student.options());
+  return {row_loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& labels, double alpha,
+                                                bool reverse, double temperature, int64_t ignore_index,
+                                                bool compute_grad) {
+  check_inputs(student, teacher, labels, alpha, temperature);
+  auto [row_loss, grad] = allocate_outputs(student, compute_grad);
+  const int64_t vocab = student.size(-1);
+  const int64_t num_rows = student.numel() / vocab;
+  if (num_rows == 0) return {row_loss, grad};
+
+  ForwardParams prm{};
+  const at::Tensor student_rows = with_row_layout(student, prm.student_rows);
+  const at::Tensor teacher_rows = with_row_layout(teacher, prm.teacher_rows);
+  at::Tensor flat_labels;
+  if (labels.has_value()) flat_labels = labels->reshape({-1}).to(at::kLong).contiguous();
+  prm.student = student_rows.data_ptr();
+  prm.teacher = teacher_rows.data_ptr();
+  prm.student_dtype = dtype_code(student.scalar_type());
+  prm.teacher_dtype = dtype_code(teacher.scalar_type());
+  prm.num_rows = num_rows;
+  prm.vocab = vocab;
+  prm.labels = flat_labels.defined() ? flat_labels.data_ptr<int64_t>() : nullptr;
+  prm.ignore_index = ignore_index;
+  prm.row_loss = row_loss.data_ptr<float>();
+  prm.grad = compute_grad ? grad.data_ptr() : nullptr;
+  prm.constants = make_constants(alpha, temperature);
+  prm.reverse = reverse;
+
+  if (student.is_cpu()) {
+    skew_kl_forward_cpu(prm);
+    return {row_loss, grad};
+  }
+#ifdef DISTILLM_WITH_CUDA
+  if (student.is_cuda()) {
+    const c10::cuda::CUDAGuard device_guard(student.device());
+    skew_kl_forward_cuda(prm, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {row_loss, grad};
+  }
+#endif
+  TORCH_CHECK(false, "skew_kl: no kernel for device ", student.device(),
+              " in this build (distillm_ext.build_info() tells what was built)");
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& student, const at::Tensor& teacher,
+                                                const std::optional<at::Tensor>& labels, double alpha,
+                                                bool /*reverse*/, double temperature,
+                                                int64_t /*ignore_index*/, bool compute_grad) {
+  check_inputs(student, teacher, labels, alpha, temperature);
+  return allocate_outputs(student, compute_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillm, CPU, m) { m.impl("_skew_kl_forward", &forward_impl); }
+TORCH_LIBRARY_IMPL(distillm, Meta, m) { m.impl("_skew_kl_forward", &forward_meta); }
+#ifdef DISTILLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(distillm, CUDA, m) { m.impl("_skew_kl_forward", &forward_impl); }
+#endif
+
+}  // namespace distillm::skew_kl_impl

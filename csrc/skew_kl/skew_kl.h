@@ -1,0 +1,20 @@
+// C++ entry point of the fused skew KL loss, for libtorch programs. The same operator as
+// torch.ops.distillm.skew_kl: differentiable with respect to student_logits.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace distillm {
+
+// student_logits, teacher_logits: (..., V) float32/float16/bfloat16; labels: (...) integer.
+// Returns the float32 loss: a scalar for "mean"/"sum", shape (...) for "none".
+at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                   const std::optional<at::Tensor>& labels = std::nullopt, double alpha = 0.1,
+                   bool reverse = false, double temperature = 1.0, int64_t ignore_index = -100,
+                   c10::string_view reduction = "mean");
+
+}  // namespace distillm

@@ -1,0 +1,92 @@
+"""Builds distillm_ext._C: with CUDA when a CUDA torch and nvcc are present, CPU-only otherwise.
+
+Environment:
+  DISTILLM_CPU_ONLY=1     never build the CUDA kernels
+  FORCE_CUDA=1            build them, or fail, even if torch/nvcc detection says no
+  CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it has bin/nvcc)
+  TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX" (A100, H100/H200, PTX for newer GPUs)
+  MAX_JOBS                parallel compile jobs (default: all cores)
+  DEBUG=1                 -O0 -g
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.resolve()
+
+# The nvcc on PATH may be a wrapper script outside the toolkit; torch locates CUDA through
+# CUDA_HOME at import time, so set it first.
+if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda() -> bool:
+    if env_flag("DISTILLM_CPU_ONLY"):
+        return False
+    has_toolkit = cpp_extension.CUDA_HOME is not None and Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists()
+    if env_flag("FORCE_CUDA"):
+        if not has_toolkit:
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to a directory with bin/nvcc")
+        return True
+    # Decided from the torch build and the toolkit, never from a GPU being present.
+    return torch.version.cuda is not None and has_toolkit
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """cuBLAS/cuSPARSE headers that pip's CUDA torch ships under site-packages/nvidia/*/include.
+
+    torch's CUDA headers include them, and a minimal toolkit lacks them."""
+    found = []
+    for entry in sys.path:
+        nvidia = Path(entry, "nvidia")
+        if nvidia.is_dir():
+            found += sorted(str(p) for p in nvidia.glob("*/include") if p.is_dir())
+    return found
+
+
+def extension():
+    debug = env_flag("DEBUG")
+    with_cuda = want_cuda()
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = [*opt, "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    sources = [
+        "csrc/ops.cpp",
+        "csrc/python_module.cpp",
+        "csrc/skew_kl/skew_kl.cpp",
+        "csrc/skew_kl/skew_kl_autograd.cpp",
+        "csrc/skew_kl/skew_kl_cpu.cpp",
+    ]
+    macros = [("DISTILLM_DEBUG", None)] if debug else []
+    include_dirs = [str(ROOT / "csrc")]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "distillm_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags})
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    macros += [
+        ("DISTILLM_WITH_CUDA", None),
+        ("DISTILLM_CUDA_VERSION", f'"{torch.version.cuda}"'),
+        ("DISTILLM_CUDA_ARCHS", f'"{archs}"'),
+    ]
+    nvcc_flags = [*opt, "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "distillm_ext._C", sources + ["csrc/skew_kl/skew_kl_cuda.cu"],
+        include_dirs=include_dirs + pip_cuda_include_dirs(), define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

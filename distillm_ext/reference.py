@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _default_compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 def _reduce(per_position: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int,
             reduction: str) -> torch.Tensor:
     if labels is None:
@@ -37,14 +44,16 @@ def skew_kl_reference(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """KL(first || alpha first + (1 - alpha) second); first = p (SKL) or q (SRKL).
 
-    Computed in the dtype of the inputs promoted to at least float32 (pass float64 for a
-    reference). The mixture's log is taken in log space so that it stays exact where one
-    distribution underflows.
+    Computed in `compute_dtype`, by default the inputs' dtype promoted to at least float32
+    (pass float64 inputs for a reference, bfloat16 for what plain PyTorch gets in bfloat16).
+    The mixture's log is taken in log space so that it stays exact where one distribution
+    underflows.
     """
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    dtype = compute_dtype or _default_compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     log_first, log_second = (log_q, log_p) if reverse else (log_p, log_q)
@@ -73,7 +82,7 @@ def jsd_reference(student_logits, teacher_logits, labels=None, *, beta=0.5, temp
 def tvd_reference(student_logits, teacher_logits, labels=None, *, temperature=1.0,
                   ignore_index=-100, reduction="mean"):
     """Total variation distance 0.5 sum_v |p_v - q_v|; entries with a -inf logit count 0."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    dtype = _default_compute_dtype(student_logits, teacher_logits)
     q = F.softmax(student_logits.to(dtype) / temperature, dim=-1)
     p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     dropped = torch.isneginf(student_logits) | torch.isneginf(teacher_logits)

@@ -65,9 +65,9 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
 Constants make_constants(double alpha, double temperature) {
   Constants c;
   c.alpha = static_cast<float>(alpha);
-  c.one_minus_alpha = static_cast<float>(1.0 - alpha);
-  c.log_alpha = static_cast<float>(std::log(alpha));  // -inf at alpha == 0
-  c.log_one_minus_alpha = static_cast<float>(std::log1p(-alpha));
+  c.odds = static_cast<float>((1.0 - alpha) / alpha);  // inf at alpha == 0, where it is unused
+  c.neg_log_alpha = static_cast<float>(-std::log(alpha));
+  c.one_minus_log_alpha = static_cast<float>(1.0 - std::log(alpha));
   c.inv_temperature = static_cast<float>(1.0 / temperature);
   return c;
 }

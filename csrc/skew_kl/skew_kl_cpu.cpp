@@ -1,7 +1,9 @@
 // CPU schedule of the skew KL forward (loss, and the gradient when asked for).
 //
-// Rows are spread over threads with at::parallel_for. One row is read in four passes, all
-// of which stay in cache for vocabularies up to ~256k: max, exp-sums, loss terms, gradient.
+// Rows are spread over threads with at::parallel_for. One row goes through four passes that
+// stay in cache for vocabularies up to ~256k: max (converting 16-bit rows to float once),
+// exp-sums, loss terms, gradient. Only the first and last know the input dtypes, so the math
+// passes are compiled once, for float.
 // The loops are plain `omp simd` loops over the shared math header, so GCC/Clang vectorize
 // them for whatever vector ISA the build targets, and `target_clones` adds an AVX2 + FMA
 // clone chosen at load time, so a portable build still runs the wide code where it can.
@@ -12,6 +14,8 @@
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -29,35 +33,62 @@ inline float to_float(T value) { return static_cast<float>(value); }
 template <typename T>
 inline T from_float(float value) { return static_cast<T>(value); }
 
-// Per-thread row buffers: exps, then probabilities and q*g of one row.
+// One thread's row buffers: the rows as float (16-bit inputs only), then exps, then q and
+// what entry_grad needs.
 struct RowScratch {
-  std::vector<float> student;
-  std::vector<float> teacher;
-  explicit RowScratch(int64_t vocab) : student(vocab), teacher(vocab) {}
+  std::vector<float> student, teacher, student_exp, teacher_exp;
+  RowScratch(int64_t vocab, bool convert_student, bool convert_teacher)
+      : student(convert_student ? vocab : 0), teacher(convert_teacher ? vocab : 0),
+        student_exp(vocab), teacher_exp(vocab) {}
 };
 
-template <typename S, typename T>
-DISTILLM_CPU_CLONES void row_max(const S* z, const T* u, int64_t vocab, float& max_z, float& max_u) {
-  float mz = kNegInf, mu = kNegInf;
-#pragma omp simd reduction(max : mz, mu)
+struct RowMax {
+  float student, teacher;
+  bool any_neg_inf;  // some entry of either row is -inf: the loss loops must mask
+};
+
+// The row maxima; rows that are not float are converted into `out` on the way.
+template <typename T>
+DISTILLM_CPU_CLONES const float* row_as_float(const T* row, int64_t vocab, float* out, float& max,
+                                              int& neg_inf) {
+  float m = kNegInf;
+  int found = 0;
+#pragma omp simd reduction(max : m) reduction(| : found)
   for (int64_t v = 0; v < vocab; ++v) {
-    mz = max_of(mz, to_float(z[v]));
-    mu = max_of(mu, to_float(u[v]));
+    const float x = to_float(row[v]);
+    out[v] = x;
+    m = max_of(m, x);
+    found |= x == kNegInf;
   }
-  max_z = mz;
-  max_u = mu;
+  max = m;
+  neg_inf |= found;
+  return out;
 }
 
-// Fills the scratch with exp((logit - max) / tau) and returns the two sums.
-template <typename S, typename T>
-DISTILLM_CPU_CLONES void row_exps(const S* z, const T* u, int64_t vocab, float max_z, float max_u,
-                                  float inv_tau, float* exp_z, float* exp_u, float& sum_z,
-                                  float& sum_u) {
-  float sz = 0.0f, su = 0.0f;
+DISTILLM_CPU_CLONES const float* row_as_float(const float* row, int64_t vocab, float*, float& max,
+                                              int& neg_inf) {
+  float m = kNegInf;
+  int found = 0;
+#pragma omp simd reduction(max : m) reduction(| : found)
+  for (int64_t v = 0; v < vocab; ++v) {
+    m = max_of(m, row[v]);
+    found |= row[v] == kNegInf;
+  }
+  max = m;
+  neg_inf |= found;
+  return row;
+}
+
+// Fills exp_* with exp((logit - max) / tau) and returns the two sums, in double: a float sum
+// of 2^18 entries is off by ~1e-5, and q = exp / sum would carry that into every gradient.
+DISTILLM_CPU_CLONES void row_exps(const float* z, const float* u, int64_t vocab, float max_z,
+                                  float max_u, float inv_tau, float* exp_z, float* exp_u,
+                                  double& sum_z, double& sum_u) {
+  double sz = 0.0, su = 0.0;
 #pragma omp simd reduction(+ : sz, su)
   for (int64_t v = 0; v < vocab; ++v) {
-    const float ez = exp_nonpositive((to_float(z[v]) - max_z) * inv_tau);
-    const float eu = exp_nonpositive((to_float(u[v]) - max_u) * inv_tau);
+    const float ez = exp_nonpositive((z[v] - max_z) * inv_tau);
+    const float eu = exp_nonpositive((u[v] - max_u) * inv_tau);
     exp_z[v] = ez;
     exp_u[v] = eu;
     sz += ez;
@@ -67,54 +98,86 @@ DISTILLM_CPU_CLONES void row_exps(const S* z, const T* u, int64_t vocab, float m
   sum_u = su;
 }
 
-// Sums the loss terms and G = sum q g. With kWithGrad, overwrites the scratch with q and q*g.
-template <bool kReverse, bool kMixed, bool kWithGrad, typename S, typename T>
-DISTILLM_CPU_CLONES void row_terms(const S* z, const T* u, int64_t vocab, float max_z, float max_u,
-                                   float log_sum_z, float log_sum_u, float inv_sum_z,
-                                   float inv_sum_u, const Constants& c, float* scratch_z,
-                                   float* scratch_u, float& loss, float& sum_qg) {
-  float loss_acc = 0.0f, qg_acc = 0.0f;
+struct RowSoftmax {
+  float max_z, max_u, log_sum_z, log_sum_u, inv_sum_z, inv_sum_u;
+};
+
+// Sums the loss terms and G = sum q g. kMasked: the row has -inf logits to drop.
+// kWithGrad: overwrites the exps with q and what entry_grad needs.
+template <bool kReverse, bool kMixed, bool kMasked, bool kWithGrad>
+DISTILLM_CPU_CLONES void row_terms(const float* z, const float* u, int64_t vocab,
+                                   const RowSoftmax& sm, const Constants& c, float* exp_z,
+                                   float* exp_u, float& loss, double& sum_qg) {
+  double loss_acc = 0.0, qg_acc = 0.0, f_acc = 0.0;
   const float inv_tau = c.inv_temperature;
-#pragma omp simd reduction(+ : loss_acc, qg_acc)
+#pragma omp simd reduction(+ : loss_acc, qg_acc, f_acc)
   for (int64_t v = 0; v < vocab; ++v) {
-    const float zv = to_float(z[v]);
-    const float uv = to_float(u[v]);
-    const float log_q = (zv - max_z) * inv_tau - log_sum_z;
-    const float log_p = (uv - max_u) * inv_tau - log_sum_u;
-    const float q = scratch_z[v] * inv_sum_z;
-    const float p = scratch_u[v] * inv_sum_u;
-    float term, qg;
-    entry_terms<kReverse, kMixed>(log_q, q, log_p, p, zv == kNegInf || uv == kNegInf, c, term, qg);
-    loss_acc += term;
-    qg_acc += qg;
+    const float log_q = (z[v] - sm.max_z) * inv_tau - sm.log_sum_z;
+    const float log_p = (u[v] - sm.max_u) * inv_tau - sm.log_sum_u;
+    const float q = exp_z[v] * sm.inv_sum_z;
+    const float p = exp_u[v] * sm.inv_sum_u;
+    const bool masked = kMasked && (z[v] == kNegInf || u[v] == kNegInf);
+    const EntryTerms e = entry_terms<kReverse, kMixed>(log_q, q, log_p, p, masked, c);
+    loss_acc += e.term;
+    qg_acc += e.q_times_g;
+    f_acc += kReverse ? q : p;
     if (kWithGrad) {
-      scratch_z[v] = q;
-      scratch_u[v] = qg;
+      exp_z[v] = q;
+      exp_u[v] = saved_for_grad<kReverse>(e);
     }
   }
-  loss = loss_acc;
-  sum_qg = qg_acc;
+  // The rounding of 1 / sum(exp) scales every f of the row alike; dividing by the f's own sum
+  // removes that shared error, which G = sum q g would otherwise carry into every g_k - G.
+  loss = static_cast<float>(loss_acc / f_acc);
+  sum_qg = qg_acc / f_acc;
 }
 
-template <typename S>
-DISTILLM_CPU_CLONES void row_grad(const float* q, const float* qg, int64_t vocab, float sum_qg,
-                                  float scale, S* grad) {
+template <bool kReverse, typename S>
+DISTILLM_CPU_CLONES void row_grad(const float* q, const float* saved, int64_t vocab,
+                                  SplitSum sum_qg, float scale, S* grad) {
 #pragma omp simd
   for (int64_t v = 0; v < vocab; ++v) {
-    grad[v] = from_float<S>((qg[v] - q[v] * sum_qg) * scale);
+    grad[v] = from_float<S>(entry_grad<kReverse>(q[v], saved[v], sum_qg) * scale);
   }
 }
 
 template <typename S>
 void zero_row(S* grad, int64_t vocab) {
-  for (int64_t v = 0; v < vocab; ++v) grad[v] = from_float<S>(0.0f);
+  std::fill(grad, grad + vocab, from_float<S>(0.0f));
 }
 
-template <bool kReverse, bool kMixed, typename S, typename T>
+// Picks the row_terms instantiation for this call and row.
+template <bool kWithGrad>
+void dispatch_row_terms(bool reverse, bool mixed, bool masked, const float* z, const float* u,
+                        int64_t vocab, const RowSoftmax& sm, const Constants& c, float* exp_z,
+                        float* exp_u, float& loss, double& sum_qg) {
+#define DISTILLM_ROW_TERMS(R, M, K) \
+  return row_terms<R, M, K, kWithGrad>(z, u, vocab, sm, c, exp_z, exp_u, loss, sum_qg)
+  if (reverse) {
+    if (mixed) {
+      if (masked) DISTILLM_ROW_TERMS(true, true, true);
+      DISTILLM_ROW_TERMS(true, true, false);
+    }
+    if (masked) DISTILLM_ROW_TERMS(true, false, true);
+    DISTILLM_ROW_TERMS(true, false, false);
+  }
+  if (mixed) {
+    if (masked) DISTILLM_ROW_TERMS(false, true, true);
+    DISTILLM_ROW_TERMS(false, true, false);
+  }
+  if (masked) DISTILLM_ROW_TERMS(false, false, true);
+  DISTILLM_ROW_TERMS(false, false, false);
+#undef DISTILLM_ROW_TERMS
+}
+
+template <typename S, typename T>
 void forward_rows(const ForwardParams& prm, int64_t begin, int64_t end) {
   const int64_t vocab = prm.vocab;
   const Constants& c = prm.constants;
-  RowScratch scratch(vocab);
+  const bool mixed = c.alpha != 0.0f;
+  RowScratch scratch(vocab, !std::is_same_v<S, float>, !std::is_same_v<T, float>);
+  float* exp_z = scratch.student_exp.data();
+  float* exp_u = scratch.teacher_exp.data();
   for (int64_t row = begin; row < end; ++row) {
     S* grad = prm.grad ? static_cast<S*>(prm.grad) + row * vocab : nullptr;
     prm.row_loss[row] = 0.0f;
@@ -122,30 +185,35 @@ void forward_rows(const ForwardParams& prm, int64_t begin, int64_t end) {
       if (grad) zero_row(grad, vocab);
       continue;
     }
-    const S* z = static_cast<const S*>(prm.student) + row_offset(prm.student_rows, row);
-    const T* u = static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row);
-    float max_z, max_u;
-    row_max(z, u, vocab, max_z, max_u);
-    if (max_z == kNegInf || max_u == kNegInf) {  // every entry dropped
+    RowSoftmax sm;
+    int neg_inf = 0;
+    const float* z = row_as_float(static_cast<const S*>(prm.student) + row_offset(prm.student_rows, row),
+                                  vocab, scratch.student.data(), sm.max_z, neg_inf);
+    const float* u = row_as_float(static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row),
+                                  vocab, scratch.teacher.data(), sm.max_u, neg_inf);
+    if (sm.max_z == kNegInf || sm.max_u == kNegInf) {  // every entry dropped
       if (grad) zero_row(grad, vocab);
       continue;
     }
-    float sum_z, sum_u;
-    row_exps(z, u, vocab, max_z, max_u, c.inv_temperature, scratch.student.data(),
-             scratch.teacher.data(), sum_z, sum_u);
-    const float log_sum_z = std::log(sum_z), log_sum_u = std::log(sum_u);
-    const float inv_sum_z = 1.0f / sum_z, inv_sum_u = 1.0f / sum_u;
-    float loss, sum_qg;
+    double sum_z, sum_u;
+    row_exps(z, u, vocab, sm.max_z, sm.max_u, c.inv_temperature, exp_z, exp_u, sum_z, sum_u);
+    sm.log_sum_z = static_cast<float>(std::log(sum_z));
+    sm.log_sum_u = static_cast<float>(std::log(sum_u));
+    sm.inv_sum_z = static_cast<float>(1.0 / sum_z);
+    sm.inv_sum_u = static_cast<float>(1.0 / sum_u);
+    float loss;
+    double sum_qg;
     if (grad) {
-      row_terms<kReverse, kMixed, true>(z, u, vocab, max_z, max_u, log_sum_z, log_sum_u, inv_sum_z,
-                                        inv_sum_u, c, scratch.student.data(),
-                                        scratch.teacher.data(), loss, sum_qg);
-      row_grad(scratch.student.data(), scratch.teacher.data(), vocab, sum_qg, c.inv_temperature,
-               grad);
+      dispatch_row_terms<true>(prm.reverse, mixed, neg_inf, z, u, vocab, sm, c, exp_z, exp_u, loss, sum_qg);
+      const float hi = static_cast<float>(sum_qg);
+      const SplitSum split{hi, static_cast<float>(sum_qg - hi)};
+      if (prm.reverse) {
+        row_grad<true>(exp_z, exp_u, vocab, split, c.inv_temperature, grad);
+      } else {
+        row_grad<false>(exp_z, exp_u, vocab, split, c.inv_temperature, grad);
+      }
     } else {
-      row_terms<kReverse, kMixed, false>(z, u, vocab, max_z, max_u, log_sum_z, log_sum_u,
-                                         inv_sum_z, inv_sum_u, c, scratch.student.data(),
-                                         scratch.teacher.data(), loss, sum_qg);
+      dispatch_row_terms<false>(prm.reverse, mixed, neg_inf, z, u, vocab, sm, c, exp_z, exp_u, loss, sum_qg);
     }
     prm.row_loss[row] = loss;
   }
@@ -155,15 +223,8 @@ template <typename S, typename T>
 void forward_typed(const ForwardParams& prm) {
   // Rows are long (a whole vocabulary), so a handful per task already amortizes the overhead.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(prm.vocab, 1));
-  const bool mixed = prm.constants.alpha != 0.0f;
   at::parallel_for(0, prm.num_rows, grain, [&](int64_t begin, int64_t end) {
-    if (prm.reverse) {
-      mixed ? forward_rows<true, true, S, T>(prm, begin, end)
-            : forward_rows<true, false, S, T>(prm, begin, end);
-    } else {
-      mixed ? forward_rows<false, true, S, T>(prm, begin, end)
-            : forward_rows<false, false, S, T>(prm, begin, end);
-    }
+    forward_rows<S, T>(prm, begin, end);
   });
 }
 

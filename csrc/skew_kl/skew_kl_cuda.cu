@@ -150,29 +150,34 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
 
     const float log_sum_z = logf(sum_z), log_sum_u = logf(sum_u);
     const float inv_sum_z = 1.0f / sum_z, inv_sum_u = 1.0f / sum_u;
-    auto terms = [&](float zv, float uv, float& q, float& term, float& qg) {
+    auto terms = [&](float zv, float uv, float& q) {
       const float shifted_z = (zv - max_z) * inv_tau, shifted_u = (uv - max_u) * inv_tau;
       q = exp_nonpositive(shifted_z) * inv_sum_z;
       const float p = exp_nonpositive(shifted_u) * inv_sum_u;
-      entry_terms<kReverse, kMixed>(shifted_z - log_sum_z, q, shifted_u - log_sum_u, p,
-                                    zv == kNegInf || uv == kNegInf, c, term, qg);
+      return entry_terms<kReverse, kMixed>(shifted_z - log_sum_z, q, shifted_u - log_sum_u, p,
+                                           zv == kNegInf || uv == kNegInf, c);
     };
 
-    float loss = 0.0f, sum_qg = 0.0f;
+    float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
     for_each_entry(z, u, vocab, [&](int64_t, float zv, float uv) {
-      float q, term, qg;
-      terms(zv, uv, q, term, qg);
-      loss += term;
-      sum_qg += qg;
+      float q;
+      const EntryTerms e = terms(zv, uv, q);
+      loss += e.term;
+      sum_qg += e.q_times_g;
+      sum_f += kReverse ? q : exp_nonpositive((uv - max_u) * inv_tau) * inv_sum_u;
     });
     block_reduce2(loss, sum_qg, Add(), shared);
+    block_reduce2(sum_f, unused, Add(), shared);
+    // Dividing by the f's own sum removes the rounding of 1 / sum(exp) they all share (as on CPU).
+    loss /= sum_f;
+    sum_qg /= sum_f;
     if (threadIdx.x == 0) prm.row_loss[row] = loss;
 
     if (grad) {
       for_each_entry(z, u, vocab, [&](int64_t v, float zv, float uv) {
-        float q, term, qg;
-        terms(zv, uv, q, term, qg);
-        grad[v] = from_float<S>((qg - q * sum_qg) * inv_tau);
+        float q;
+        const EntryTerms e = terms(zv, uv, q);
+        grad[v] = from_float<S>(entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * inv_tau);
       });
     }
   }

@@ -28,10 +28,10 @@ constexpr float kFloatMin = 1.17549435e-38f;  // smallest normal float
 
 // Everything about one call that is the same for every row.
 struct Constants {
-  float alpha;            // weight of the first distribution inside the mixture
-  float one_minus_alpha;
-  float log_alpha;        // -inf when alpha == 0
-  float log_one_minus_alpha;
+  float alpha;              // weight of the first distribution inside the mixture
+  float odds;               // (1 - alpha) / alpha: m / f = alpha (1 + odds * s / f)
+  float neg_log_alpha;      // -log(alpha), rounded once from double
+  float one_minus_log_alpha;  // 1 - log(alpha), rounded once from double
   float inv_temperature;
 };
 
@@ -68,7 +68,6 @@ DISTILLM_HD float exp_nonpositive(float x) {
   const float clamped = max_of(x, kUnderflow);
   const float shifted = clamped * kLog2e + kRoundMagic;
   const float n = shifted - kRoundMagic;
-  const int32_t n_int = bits_of(shifted) - bits_of(kRoundMagic);
   float r = clamped - n * kLn2Hi;
   r = r - n * kLn2Lo;
   const float r2 = r * r;
@@ -79,34 +78,35 @@ DISTILLM_HD float exp_nonpositive(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   const float mantissa = poly * r2 + r + 1.0f;
-  const float result = float_of_bits(bits_of(mantissa) + (n_int << 23));
+  // The low bits of `shifted` hold n; shifted left 23 they land in the exponent field, and
+  // the magic constant's own bits shift out.
+  const uint32_t scale_bits = static_cast<uint32_t>(bits_of(shifted)) << 23;
+  const float result = float_of_bits(static_cast<int32_t>(static_cast<uint32_t>(bits_of(mantissa)) + scale_bits));
   return x < kUnderflow ? 0.0f : (x != x ? x : result);
 }
 
-// log(x) for positive normal x (callers clamp to kFloatMin). About 1 ulp (Cephes coefficients).
-DISTILLM_HD float log_positive(float x) {
-  constexpr float kSqrtHalf = 0.707106781186547524f;
-  const int32_t bits = bits_of(x);
-  float exponent = static_cast<float>((bits >> 23) - 126);
-  float m = float_of_bits((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const bool small = m < kSqrtHalf;
-  exponent = small ? exponent - 1.0f : exponent;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float m2 = m * m;
-  float poly = 7.0376836292e-2f;
-  poly = poly * m - 1.1514610310e-1f;
-  poly = poly * m + 1.1676998740e-1f;
-  poly = poly * m - 1.2420140846e-1f;
-  poly = poly * m + 1.4249322787e-1f;
-  poly = poly * m - 1.6668057665e-1f;
-  poly = poly * m + 2.0000714765e-1f;
-  poly = poly * m - 2.4999993993e-1f;
-  poly = poly * m + 3.3333331174e-1f;
-  float y = poly * m * m2;
-  y = y + exponent * -2.12194440e-4f;
-  y = y - 0.5f * m2;
-  const float result = m + y + exponent * 0.693359375f;
-  return x != x ? x : result;
+// log(1 + y) for y >= 0 (NaN stays NaN; +inf gives a finite ~88.7). 1 + y = 2^e m with m in
+// [sqrt(1/2), sqrt(2)); log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172, whose odd
+// series to t^7 is within 3e-8. For e = 0, m - 1 is taken as y itself, so small y keep their
+// digits (the point of log1p).
+DISTILLM_HD float log1p_nonnegative(float y) {
+  constexpr float kSqrt2 = 1.41421356237f;
+  const float one_plus_y = 1.0f + y;
+  const int32_t bits = bits_of(one_plus_y);
+  float exponent = static_cast<float>((bits >> 23) - 127);
+  float m = float_of_bits((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > kSqrt2;
+  m = big ? 0.5f * m : m;
+  exponent = big ? exponent + 1.0f : exponent;
+  const bool near_one = exponent == 0.0f;
+  const float t = (near_one ? y : m - 1.0f) / (near_one ? 2.0f + y : m + 1.0f);
+  const float t2 = t * t;
+  float poly = 2.0f / 7.0f;
+  poly = poly * t2 + 2.0f / 5.0f;
+  poly = poly * t2 + 2.0f / 3.0f;
+  poly = poly * t2 + 2.0f;
+  const float result = exponent * 0.693359375f + (t * poly + exponent * -2.12194440e-4f);
+  return y != y ? y : result;
 }
 
 // Softmax statistics of one row of scaled logits: log q_v = (x_v - max) - log_sum.
@@ -115,34 +115,66 @@ struct SoftmaxStats {
   float log_sum;  // log sum_v exp(x_v - max)
 };
 
-// One vocabulary entry. `input_is_masked`: either logit is -inf. Returns the loss term and
-// q_v * g_v; both are 0 on dropped entries.
+// What one vocabulary entry contributes; all 0 on dropped entries.
+struct EntryTerms {
+  float term;       // f (log f - log m), the entry's share of the loss
+  float q_times_g;  // q_v g_v, the entry's share of G = sum_v q_v g_v
+  float g;          // g_v = dloss/dq_v (SRKL only: for SKL it overflows where q underflows)
+};
+
+// One vocabulary entry. `input_is_masked`: either logit is -inf. kMixed: alpha > 0 (at
+// alpha = 0, m = s exactly).
 template <bool kReverse, bool kMixed>
-DISTILLM_HD void entry_terms(float log_q, float q, float log_p, float p, bool input_is_masked,
-                             const Constants& c, float& term, float& q_times_g) {
+DISTILLM_HD EntryTerms entry_terms(float log_q, float q, float log_p, float p, bool input_is_masked,
+                                   const Constants& c) {
   const float log_f = kReverse ? log_q : log_p;
   const float f = kReverse ? q : p;
   const float log_s = kReverse ? log_p : log_q;
   const float s = kReverse ? p : q;
-  float log_m = log_s;
-  float alpha_f_over_m = 0.0f;          // alpha f / m
-  float one_minus_alpha_s_over_m = 1.0f;  // (1 - alpha) s / m
+  // With y = odds * s / f, m / f = alpha (1 + y): log(f / m) = -log(alpha) - log1p(y),
+  // alpha f / m = 1 / (1 + y), (1 - alpha) s / m = y / (1 + y). Working from y keeps every
+  // quantity exact to float precision where s << f, e.g. near the optimum of SRKL, which
+  // log f - log m (two rounded logs of similar size) is not.
+  float log_f_over_m, alpha_f_over_m, one_minus_alpha_s_over_m, g;
   if (kMixed) {
-    const float mix = max_of(c.alpha * f + c.one_minus_alpha * s, kFloatMin);
-    // log m is at least both of its parts' logs: this keeps it exact where f or s underflow.
-    log_m = max_of(max_of(log_positive(mix), c.log_alpha + log_f), c.log_one_minus_alpha + log_s);
-    const float inv_mix = 1.0f / mix;
-    alpha_f_over_m = c.alpha * f * inv_mix;
-    one_minus_alpha_s_over_m = c.one_minus_alpha * s * inv_mix;
+    // f below 1e-30 is clamped: such entries add < 1e-28 to anything. NaN passes the clamps.
+    const float raw_y = c.odds * (s / (f < 1e-30f ? 1e-30f : f));
+    const float y = raw_y > 1e30f ? 1e30f : raw_y;
+    const float log1p_y = log1p_nonnegative(y);
+    alpha_f_over_m = 1.0f / (1.0f + y);
+    one_minus_alpha_s_over_m = y * alpha_f_over_m;
+    log_f_over_m = c.neg_log_alpha - log1p_y;
+    g = (c.one_minus_log_alpha - log1p_y) - alpha_f_over_m;  // 1 - log(alpha) rounded once
+  } else {  // alpha = 0: m = s
+    log_f_over_m = log_f - log_s;
+    alpha_f_over_m = 0.0f;
+    one_minus_alpha_s_over_m = 1.0f;
+    g = log_f_over_m + 1.0f;
   }
-  const float log_f_over_m = log_f - log_m;
   // SKL:  q g = q * (-(1 - alpha) p / m) = -f (1 - alpha) s / m
-  // SRKL: g = log(q / m) + 1 - alpha q / m, times q = f
-  const float qg = kReverse ? f * (log_f_over_m + 1.0f - alpha_f_over_m)
-                            : -f * one_minus_alpha_s_over_m;
+  // SRKL: g = log(q / m) + 1 - alpha q / m, and q g = f g
+  const float qg = kReverse ? f * g : -f * one_minus_alpha_s_over_m;
   const bool dropped = input_is_masked || f == 0.0f;
-  term = dropped ? 0.0f : f * log_f_over_m;
-  q_times_g = dropped ? 0.0f : qg;
+  return {dropped ? 0.0f : f * log_f_over_m, dropped ? 0.0f : qg, dropped ? 0.0f : g};
+}
+
+// G = sum_v q_v g_v as an unevaluated sum hi + lo of two floats: near the mode of a sharp q,
+// g_k - G keeps only a few of G's digits, so G is summed in double and kept to ~48 bits.
+struct SplitSum {
+  float hi, lo;
+};
+
+// d loss / d z_k * tau = q_k (g_k - G). `saved` is what the schedule kept of the entry:
+// g for SRKL, where subtracting G before multiplying by q avoids cancelling two rounded
+// products near the mode of q; q g for SKL, whose g is unbounded but q g is not.
+template <bool kReverse>
+DISTILLM_HD float entry_grad(float q, float saved, SplitSum sum_qg) {
+  return kReverse ? q * ((saved - sum_qg.hi) - sum_qg.lo) : (saved - q * sum_qg.hi) - q * sum_qg.lo;
+}
+
+template <bool kReverse>
+DISTILLM_HD float saved_for_grad(const EntryTerms& e) {
+  return kReverse ? e.g : e.q_times_g;
 }
 
 // The offset of row `row` in a tensor whose leading dimensions (all but the last) have the

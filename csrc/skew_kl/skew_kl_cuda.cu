@@ -1,8 +1,9 @@
 // CUDA schedule of the skew KL forward: one block per row, one launch for loss and gradient.
 //
 // Pass 1 keeps an online (max, sum of exps) per thread for student and teacher; pass 2 sums
-// the loss terms and G = sum q g; pass 3 (gradient only) writes (q g - q G) / tau. Rows are
-// re-read from L2 in passes 2 and 3. Loads are 16 bytes wide where the row is aligned.
+// the loss terms and G = sum q g; pass 3 (gradient only) writes q (g - G) / tau. Rows are
+// re-read (mostly from L2) in passes 2 and 3. Loads and stores are 16 bytes wide where the
+// rows are aligned.
 // Torch-free, so nvcc compiles it in seconds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -61,6 +62,34 @@ __device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t v
     for (int j = 0; j < kChunk; ++j) fn(v + j, zs[j], us[j]);
   }
   for (int64_t v = full + threadIdx.x; v < vocab; v += blockDim.x) fn(v, to_float(z[v]), to_float(u[v]));
+}
+
+// Writes fn(z_v, u_v) to out[v] for every entry of the row this thread owns; 16-byte stores
+// where the output row is aligned too.
+template <typename S, typename T, typename Fn>
+__device__ __forceinline__ void write_each_entry(const S* z, const T* u, S* out, int64_t vocab, Fn&& fn) {
+  const bool vector = is_aligned16(z) && is_aligned16(u) && is_aligned16(out);
+  const int64_t full = vocab / kChunk * kChunk;
+  for (int64_t v = int64_t(threadIdx.x) * kChunk; v < full; v += int64_t(blockDim.x) * kChunk) {
+    float zs[kChunk], us[kChunk];
+    load_chunk(z, v, vector, zs);
+    load_chunk(u, v, vector, us);
+    constexpr int kStores = kChunk * sizeof(S) / 16;
+    uint4 raw[kStores];
+    S* values = reinterpret_cast<S*>(raw);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) values[j] = from_float<S>(fn(zs[j], us[j]));
+    if (vector) {
+#pragma unroll
+      for (int i = 0; i < kStores; ++i) reinterpret_cast<uint4*>(out + v)[i] = raw[i];
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) out[v + j] = values[j];
+    }
+  }
+  for (int64_t v = full + threadIdx.x; v < vocab; v += blockDim.x) {
+    out[v] = from_float<S>(fn(to_float(z[v]), to_float(u[v])));
+  }
 }
 
 // Online softmax state over raw logits: sum_v exp((x_v - max) * inv_tau).
@@ -148,23 +177,24 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
       continue;
     }
 
-    const float log_sum_z = logf(sum_z), log_sum_u = logf(sum_u);
     const float inv_sum_z = 1.0f / sum_z, inv_sum_u = 1.0f / sum_u;
-    auto terms = [&](float zv, float uv, float& q) {
-      const float shifted_z = (zv - max_z) * inv_tau, shifted_u = (uv - max_u) * inv_tau;
-      q = exp_nonpositive(shifted_z) * inv_sum_z;
-      const float p = exp_nonpositive(shifted_u) * inv_sum_u;
-      return entry_terms<kReverse, kMixed>(shifted_z - log_sum_z, q, shifted_u - log_sum_u, p,
-                                           zv == kNegInf || uv == kNegInf, c);
+    const float log_sum_u_over_sum_z = logf(sum_u / sum_z);
+    auto terms = [&](float zv, float uv, float& q, float& p) {
+      const float shifted_z = zv - max_z, shifted_u = uv - max_u;
+      q = exp_nonpositive(shifted_z * inv_tau) * inv_sum_z;
+      p = exp_nonpositive(shifted_u * inv_tau) * inv_sum_u;
+      // log q - log p, formed so that it keeps its digits where q ~ p.
+      const float log_q_over_p = (shifted_z - shifted_u) * inv_tau + log_sum_u_over_sum_z;
+      return entry_terms<kReverse, kMixed>(log_q_over_p, q, p, zv == kNegInf || uv == kNegInf, c);
     };
 
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
     for_each_entry(z, u, vocab, [&](int64_t, float zv, float uv) {
-      float q;
-      const EntryTerms e = terms(zv, uv, q);
+      float q, p;
+      const EntryTerms e = terms(zv, uv, q, p);
       loss += e.term;
       sum_qg += e.q_times_g;
-      sum_f += kReverse ? q : exp_nonpositive((uv - max_u) * inv_tau) * inv_sum_u;
+      sum_f += kReverse ? q : p;
     });
     block_reduce2(loss, sum_qg, Add(), shared);
     block_reduce2(sum_f, unused, Add(), shared);
@@ -174,10 +204,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
     if (threadIdx.x == 0) prm.row_loss[row] = loss;
 
     if (grad) {
-      for_each_entry(z, u, vocab, [&](int64_t v, float zv, float uv) {
-        float q;
-        const EntryTerms e = terms(zv, uv, q);
-        grad[v] = from_float<S>(entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * inv_tau);
+      write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
+        float q, p;
+        const EntryTerms e = terms(zv, uv, q, p);
+        return entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * inv_tau;
       });
     }
   }

@@ -122,14 +122,13 @@ struct EntryTerms {
   float g;          // g_v = dloss/dq_v (SRKL only: for SKL it overflows where q underflows)
 };
 
-// One vocabulary entry. `input_is_masked`: either logit is -inf. kMixed: alpha > 0 (at
-// alpha = 0, m = s exactly).
+// One vocabulary entry. `log_q_over_p` = log q - log p, which the schedules form as
+// ((z - max z) - (u - max u)) / tau + log(sum_u / sum_z) so that it keeps its digits when q ~ p.
+// `input_is_masked`: either logit is -inf. kMixed: alpha > 0 (at alpha = 0, m = s exactly).
 template <bool kReverse, bool kMixed>
-DISTILLM_HD EntryTerms entry_terms(float log_q, float q, float log_p, float p, bool input_is_masked,
+DISTILLM_HD EntryTerms entry_terms(float log_q_over_p, float q, float p, bool input_is_masked,
                                    const Constants& c) {
-  const float log_f = kReverse ? log_q : log_p;
   const float f = kReverse ? q : p;
-  const float log_s = kReverse ? log_p : log_q;
   const float s = kReverse ? p : q;
   // With y = odds * s / f, m / f = alpha (1 + y): log(f / m) = -log(alpha) - log1p(y),
   // alpha f / m = 1 / (1 + y), (1 - alpha) s / m = y / (1 + y). Working from y keeps every
@@ -146,7 +145,7 @@ DISTILLM_HD EntryTerms entry_terms(float log_q, float q, float log_p, float p, b
     log_f_over_m = c.neg_log_alpha - log1p_y;
     g = (c.one_minus_log_alpha - log1p_y) - alpha_f_over_m;  // 1 - log(alpha) rounded once
   } else {  // alpha = 0: m = s
-    log_f_over_m = log_f - log_s;
+    log_f_over_m = kReverse ? log_q_over_p : -log_q_over_p;
     alpha_f_over_m = 0.0f;
     one_minus_alpha_s_over_m = 1.0f;
     g = log_f_over_m + 1.0f;

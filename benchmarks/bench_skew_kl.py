@@ -1,0 +1,105 @@
+"""Fused skew KL (torch.ops.distillm.skew_kl) against the eager PyTorch reference and
+torch.compile of the same reference: forward, backward and full (forward + backward) time and
+peak memory, SKL and SRKL, float32 and bfloat16, CPU always and CUDA when present.
+
+    python benchmarks/bench_skew_kl.py                 # the shapes of RESULTS.md
+    python benchmarks/bench_skew_kl.py --shapes 256x32000 --reps 5
+
+Peak memory is measured above the inputs. GPU rows of the full mode also report the bandwidth
+against the bytes-moved floor: read both logits once, write the gradient once.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import environment, measure, print_table, write_json  # noqa: E402
+
+import distillm_ext  # noqa: E402
+from distillm_ext.reference import skew_kl_reference  # noqa: E402
+
+CPU_SHAPES = ["2048x32000", "4096x50257"]
+GPU_SHAPES = ["2048x32000", "4096x50257", "8192x128256"]
+H200_PEAK_GBPS = 4800.0  # HBM3e, vendor figure; only used to express the floor as a fraction
+
+
+def implementations(loss_kwargs):
+    fused = lambda s, t: distillm_ext.skew_kl(s, t, **loss_kwargs)  # noqa: E731
+    eager = lambda s, t: skew_kl_reference(s, t, **loss_kwargs)  # noqa: E731
+    compiled = torch.compile(lambda s, t: skew_kl_reference(s, t, **loss_kwargs))
+    return {"fused": fused, "eager": eager, "compile": compiled}
+
+
+def bench_case(device, rows, vocab, dtype, loss_name, warmup, reps):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(rows, vocab, generator=generator).to(device, dtype).requires_grad_()
+    teacher = torch.randn(rows, vocab, generator=generator).to(device, dtype)
+    loss_kwargs = dict(alpha=0.1, reverse=loss_name == "srkl")
+    results = []
+    for impl, fn in implementations(loss_kwargs).items():
+        state = {}
+
+        def forward():
+            state["loss"] = fn(student, teacher)
+
+        def backward():
+            state["loss"].backward()
+            student.grad = None
+
+        def full():
+            fn(student, teacher).backward()
+            student.grad = None
+
+        for mode, run, setup in (("forward", forward, None), ("backward", backward, forward), ("full", full, None)):
+            result = measure(impl, run, device, warmup, reps, setup)
+            state.clear()
+            results.append(dict(device=device, shape=f"{rows}x{vocab}", dtype=str(dtype).replace("torch.", ""),
+                                loss=loss_name, mode=mode, impl=impl, median_ms=result.median_ms,
+                                min_ms=result.min_ms, peak_mb=result.peak_mb))
+    by_key = {(r["mode"], r["impl"]): r for r in results}
+    for row in results:
+        row["vs_eager"] = by_key[(row["mode"], "eager")]["median_ms"] / row["median_ms"]
+        row["vs_compile"] = by_key[(row["mode"], "compile")]["median_ms"] / row["median_ms"]
+        if device == "cuda" and row["mode"] == "full":
+            floor_bytes = 3 * rows * vocab * student.element_size()
+            row["gbps"] = floor_bytes / (row["median_ms"] * 1e-3) / 1e9
+            row["pct_floor"] = 100 * row["gbps"] / H200_PEAK_GBPS
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--shapes", nargs="+", help="ROWSxVOCAB; default: per device, see RESULTS.md")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--losses", nargs="+", default=["skl", "srkl"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_skew_kl.json")
+    args = parser.parse_args()
+
+    columns = [("device", "device", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
+               ("loss", "loss", "{}"), ("mode", "mode", "{}"), ("impl", "impl", "{}"),
+               ("median_ms", "median ms", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"),
+               ("vs_eager", "x eager", "{:.1f}"), ("vs_compile", "x compile", "{:.2f}"),
+               ("gbps", "GB/s (floor bytes)", "{:.0f}"), ("pct_floor", "% of peak BW", "{:.0f}")]
+    rows = []
+    for device in args.devices:
+        for shape in args.shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES):
+            n, v = (int(x) for x in shape.split("x"))
+            for dtype in args.dtypes:
+                for loss_name in args.losses:
+                    case = bench_case(device, n, v, getattr(torch, dtype), loss_name, args.warmup, args.reps)
+                    print_table(case, columns)
+                    print()
+                    rows += case
+    meta = environment() | {"build": distillm_ext.build_info(), "warmup": args.warmup, "reps": args.reps}
+    write_json(args.out, rows, meta)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

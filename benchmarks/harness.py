@@ -1,0 +1,129 @@
+"""Shared timing and memory harness for the benchmarks: warm-up, median of repeated runs,
+device events on GPU, peak memory above the inputs, a table on stdout and JSON beside it."""
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+def _fix_malloc_mmap_threshold() -> None:
+    """Serve every allocation above 64 KiB with its own mmap, returned to the OS on free.
+
+    glibc otherwise raises its mmap threshold after large frees and keeps later tensors in
+    the heap, so resident memory, and the peak read from it, would not follow the tensors."""
+    try:
+        import ctypes
+
+        m_mmap_threshold = -3
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024)
+    except OSError:  # not glibc: the CPU peak is then an upper bound
+        pass
+
+
+_fix_malloc_mmap_threshold()
+
+
+@dataclass
+class Result:
+    """One measured configuration; `extra` holds benchmark-specific columns."""
+
+    name: str
+    median_ms: float
+    min_ms: float
+    peak_mb: float
+    extra: dict = field(default_factory=dict)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(run: Callable[[], None], device: str, warmup: int, reps: int,
+            setup: Optional[Callable[[], None]] = None) -> list:
+    """Milliseconds of `run` for each of `reps` runs after `warmup`; `setup` runs untimed first."""
+    times = []
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        _synchronize(device)
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            begin = time.perf_counter()
+            run()
+            elapsed = (time.perf_counter() - begin) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def peak_memory_mb(run: Callable[[], None], device: str, setup: Optional[Callable[[], None]] = None) -> float:
+    """Peak bytes allocated while `run` executes, above what was allocated before it, in MB."""
+    if setup is not None:
+        setup()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    # CPU: Linux resets the resident-set high-water mark (VmHWM) on "5" to clear_refs. Large
+    # tensors are mmap-backed and returned on free, so RSS follows the allocations.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    run()
+    return max(_status_kb("VmHWM") - before, 0) / 1024
+
+
+def _status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def measure(name: str, run, device: str, warmup: int, reps: int, setup=None, **extra) -> Result:
+    times = time_ms(run, device, warmup, reps, setup)
+    peak = peak_memory_mb(run, device, setup)
+    return Result(name, statistics.median(times), min(times), peak, extra)
+
+
+def print_table(rows: list, columns: list) -> None:
+    """rows: dicts; columns: (key, header, format) triples."""
+    headers = [header for _, header, _ in columns]
+    cells = [[("" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in cells:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths)), flush=True)
+
+
+def write_json(path: Path, rows: list, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def environment() -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+__all__ = ["Result", "asdict", "environment", "measure", "print_table", "write_json"]

@@ -30,8 +30,10 @@ def test_cpu_only_wheel_builds_installs_and_loads(tmp_path):
     probe = ("import json, distillm_ext, torch; "
              "print(json.dumps([distillm_ext.__file__, distillm_ext.build_info(), "
              "distillm_ext.skew_kl(torch.zeros(2, 5), torch.zeros(2, 5)).item()]))")
+    # cwd: `python -c` puts the working directory first on sys.path, and the repository root
+    # holds the editable build.
     result = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
-                            capture_output=True, text=True, check=True)
+                            cwd=tmp_path, capture_output=True, text=True, check=True)
     location, info, loss = json.loads(result.stdout.strip().splitlines()[-1])
     assert location.startswith(str(tmp_path / "site"))
     assert info["cuda"] is False

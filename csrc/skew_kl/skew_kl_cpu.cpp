@@ -43,11 +43,6 @@ struct RowScratch {
         student_exp(vocab), teacher_exp(vocab) {}
 };
 
-struct RowMax {
-  float student, teacher;
-  bool any_neg_inf;  // some entry of either row is -inf: the loss loops must mask
-};
-
 // The row maxima; rows that are not float are converted into `out` on the way.
 template <typename T>
 DISTILLM_CPU_CLONES const float* row_as_float(const T* row, int64_t vocab, float* out, float& max,

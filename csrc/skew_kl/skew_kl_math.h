@@ -6,7 +6,7 @@
 //   m = alpha f + (1 - alpha) s,  loss = sum_v f_v (log f_v - log m_v)
 //   g_v = dloss/dq_v,  dloss/dz_k = (1/tau) q_k (g_k - sum_v q_v g_v)
 // Entries whose logit is -inf in either input, or whose f underflows to 0, are dropped (term 0,
-// g 0). The schedules keep G = sum_v q_v g_v per row and write (q_k g_k - q_k G) / tau.
+// g 0). The schedules keep G = sum_v q_v g_v per row and write q_k (g_k - G) / tau.
 //
 // exp and log are written out as branch-free polynomials so that the CPU loops vectorize
 // without -ffast-math and the CUDA kernels produce the same numbers as the CPU ones.
@@ -24,7 +24,6 @@
 namespace distillm::skew_kl_impl {
 
 constexpr float kNegInf = -__builtin_huge_valf();
-constexpr float kFloatMin = 1.17549435e-38f;  // smallest normal float
 
 // Everything about one call that is the same for every row.
 struct Constants {
@@ -108,12 +107,6 @@ DISTILLM_HD float log1p_nonnegative(float y) {
   const float result = exponent * 0.693359375f + (t * poly + exponent * -2.12194440e-4f);
   return y != y ? y : result;
 }
-
-// Softmax statistics of one row of scaled logits: log q_v = (x_v - max) - log_sum.
-struct SoftmaxStats {
-  float max;      // of the scaled logits
-  float log_sum;  // log sum_v exp(x_v - max)
-};
 
 // What one vocabulary entry contributes; all 0 on dropped entries.
 struct EntryTerms {

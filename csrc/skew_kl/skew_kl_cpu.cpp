@@ -43,36 +43,28 @@ struct RowScratch {
         student_exp(vocab), teacher_exp(vocab) {}
 };
 
-// The row maxima; rows that are not float are converted into `out` on the way.
+// The row maxima, and whether the row has a -inf entry. Rows that are not float are converted
+// into `out` on the way and `out` is returned; float rows are used where they are.
 template <typename T>
 DISTILLM_CPU_CLONES const float* row_as_float(const T* row, int64_t vocab, float* out, float& max,
                                               int& neg_inf) {
+  constexpr bool kConvert = !std::is_same_v<T, float>;
   float m = kNegInf;
   int found = 0;
 #pragma omp simd reduction(max : m) reduction(| : found)
   for (int64_t v = 0; v < vocab; ++v) {
     const float x = to_float(row[v]);
-    out[v] = x;
+    if (kConvert) out[v] = x;
     m = max_of(m, x);
     found |= x == kNegInf;
   }
   max = m;
   neg_inf |= found;
-  return out;
-}
-
-DISTILLM_CPU_CLONES const float* row_as_float(const float* row, int64_t vocab, float*, float& max,
-                                              int& neg_inf) {
-  float m = kNegInf;
-  int found = 0;
-#pragma omp simd reduction(max : m) reduction(| : found)
-  for (int64_t v = 0; v < vocab; ++v) {
-    m = max_of(m, row[v]);
-    found |= row[v] == kNegInf;
+  if constexpr (kConvert) {
+    return out;
+  } else {
+    return row;
   }
-  max = m;
-  neg_inf |= found;
-  return row;
 }
 
 // Row sums are taken in float over blocks of kSumBlock entries and the blocks added in double:

@@ -4,7 +4,7 @@ device events on GPU, peak memory above the inputs, a table on stdout and JSON b
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,8 +14,10 @@ import torch
 def _fix_malloc_mmap_threshold() -> None:
     """Serve every allocation above 64 KiB with its own mmap, returned to the OS on free.
 
-    glibc otherwise raises its mmap threshold after large frees and keeps later tensors in
-    the heap, so resident memory, and the peak read from it, would not follow the tensors."""
+    glibc otherwise raises its mmap threshold after large frees (up to 32 MiB) and keeps later
+    tensors in the heap, so resident memory, and the peak read from it, would not follow the
+    tensors. Tensors of the benchmark shapes are far above 32 MiB and were mmap-backed anyway,
+    so their timings do not change; small shapes pay page faults they otherwise would not."""
     try:
         import ctypes
 
@@ -30,13 +32,12 @@ _fix_malloc_mmap_threshold()
 
 @dataclass
 class Result:
-    """One measured configuration; `extra` holds benchmark-specific columns."""
+    """One measured configuration."""
 
     name: str
     median_ms: float
     min_ms: float
     peak_mb: float
-    extra: dict = field(default_factory=dict)
 
 
 def _synchronize(device: str) -> None:
@@ -94,10 +95,10 @@ def _status_kb(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-def measure(name: str, run, device: str, warmup: int, reps: int, setup=None, **extra) -> Result:
+def measure(name: str, run, device: str, warmup: int, reps: int, setup=None) -> Result:
     times = time_ms(run, device, warmup, reps, setup)
     peak = peak_memory_mb(run, device, setup)
-    return Result(name, statistics.median(times), min(times), peak, extra)
+    return Result(name, statistics.median(times), min(times), peak)
 
 
 def print_table(rows: list, columns: list) -> None:
@@ -126,4 +127,4 @@ def environment() -> dict:
     }
 
 
-__all__ = ["Result", "asdict", "environment", "measure", "print_table", "write_json"]
+__all__ = ["Result", "environment", "measure", "print_table", "write_json"]

@@ -150,6 +150,22 @@ def test_nan_is_not_hidden(device):
         assert torch.isnan(distillm_ext.skew_kl(student, teacher, reverse=reverse))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("nan_side", ["student", "teacher"])
+def test_all_nan_row_gives_nan_loss_and_gradient(device, reverse, nan_side):
+    """A row of NaN leaves the row maximum at -inf, like an all -inf (dropped) row; it must not
+    be dropped. (A diverged model produces exactly such rows.)"""
+    student, teacher = make_inputs((3, 37), device)
+    (student if nan_side == "student" else teacher)[1] = math.nan
+    student.requires_grad_(True)
+    per_row = distillm_ext.skew_kl(student, teacher, reverse=reverse, reduction="none")
+    assert torch.isfinite(per_row[[0, 2]]).all() and torch.isnan(per_row[1])
+    per_row[[0, 2]].sum().backward()
+    assert torch.isfinite(student.grad[[0, 2]]).all() and torch.isnan(student.grad[1]).all()
+    all_dropped = torch.full((1, 37), -math.inf, device=device)
+    assert distillm_ext.skew_kl(all_dropped, teacher[:1], reverse=reverse).item() == 0.0
+
+
 def test_sliced_logits_are_read_in_place(device):
     """`logits[:, :-1]` of a (B, T, V) output: same values as a contiguous copy, and no copy made."""
     student_full, teacher_full = make_inputs((3, 9, 4099), device)

@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -145,8 +146,14 @@ DISTILLM_CPU_CLONES void row_grad(const float* q, const float* saved, int64_t vo
 }
 
 template <typename S>
-void zero_row(S* grad, int64_t vocab) {
-  std::fill(grad, grad + vocab, from_float<S>(0.0f));
+void fill_row(S* grad, int64_t vocab, float value) {
+  std::fill(grad, grad + vocab, from_float<S>(value));
+}
+
+// A row whose maximum stays -inf is dropped (every entry -inf), unless the maximum stayed -inf
+// because every entry is NaN (comparisons ignore NaN): then the row's loss and gradient are NaN.
+bool has_nan(const float* row, int64_t vocab) {
+  return std::any_of(row, row + vocab, [](float x) { return std::isnan(x); });
 }
 
 // Picks the row_terms instantiation for this call and row.
@@ -185,7 +192,7 @@ void forward_rows(const ForwardParams& prm, int64_t begin, int64_t end) {
     S* grad = prm.grad ? static_cast<S*>(prm.grad) + row * vocab : nullptr;
     prm.row_loss[row] = 0.0f;
     if (prm.labels != nullptr && prm.labels[row] == prm.ignore_index) {
-      if (grad) zero_row(grad, vocab);
+      if (grad) fill_row(grad, vocab, 0.0f);
       continue;
     }
     RowSoftmax sm;
@@ -194,8 +201,10 @@ void forward_rows(const ForwardParams& prm, int64_t begin, int64_t end) {
                                   vocab, scratch.student.data(), sm.max_z, neg_inf);
     const float* u = row_as_float(static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row),
                                   vocab, scratch.teacher.data(), sm.max_u, neg_inf);
-    if (sm.max_z == kNegInf || sm.max_u == kNegInf) {  // every entry dropped
-      if (grad) zero_row(grad, vocab);
+    if (sm.max_z == kNegInf || sm.max_u == kNegInf) {  // every entry dropped, or NaN
+      const float value = has_nan(z, vocab) || has_nan(u, vocab) ? std::nanf("") : 0.0f;
+      prm.row_loss[row] = value;
+      if (grad) fill_row(grad, vocab, value);
       continue;
     }
     double sum_z, sum_u;

@@ -164,15 +164,18 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
     // Merge the per-thread states: first the maxima, then the sums rescaled to them.
     float max_z = student.max, max_u = teacher.max;
     block_reduce2(max_z, max_u, Max(), shared);
-    float sum_z = student.max == kNegInf ? 0.0f : student.sum * exp_nonpositive((student.max - max_z) * inv_tau);
-    float sum_u = teacher.max == kNegInf ? 0.0f : teacher.sum * exp_nonpositive((teacher.max - max_u) * inv_tau);
+    // A thread whose maximum stayed -inf saw only -inf entries (sum 0) or a NaN (sum NaN, as
+    // comparisons ignore NaN): its sum is taken as is, so a NaN anywhere reaches the row.
+    float sum_z = student.max == kNegInf ? student.sum : student.sum * exp_nonpositive((student.max - max_z) * inv_tau);
+    float sum_u = teacher.max == kNegInf ? teacher.sum : teacher.sum * exp_nonpositive((teacher.max - max_u) * inv_tau);
     block_reduce2(sum_z, sum_u, Add(), shared);
-    skip = skip || max_z == kNegInf || max_u == kNegInf;  // block-uniform
 
-    if (skip) {
-      if (threadIdx.x == 0) prm.row_loss[row] = 0.0f;
+    if (skip || max_z == kNegInf || max_u == kNegInf) {  // block-uniform
+      // Every entry dropped (0), or every entry NaN (NaN).
+      const float value = skip ? 0.0f : (sum_z + sum_u) * 0.0f;
+      if (threadIdx.x == 0) prm.row_loss[row] = value;
       if (grad) {
-        for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(0.0f);
+        for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
       }
       continue;
     }

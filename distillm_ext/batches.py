@@ -1,0 +1,69 @@
+"""Where training batches come from. The trainer asks a batch source for one optimizer step's
+micro-batches; the dataset is one source, and the off-policy sources (replayed and freshly
+generated student outputs) plug in beside it.
+
+Every source returns, for this rank, a list of `grad_accum` micro-batches, each a dict of
+(b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention, -100 on
+prompt and padding), and saves its position with state_dict() so that --resume continues
+with exactly the batch an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import EncodedExample, collate_for_training
+
+
+class DatasetBatches:
+    """Shuffled passes over the training examples, one global batch per optimizer step.
+
+    The order depends only on (seed, epoch), and each rank takes a contiguous slice of every
+    global batch, so N ranks see exactly the examples one process would (the last incomplete
+    batch of an epoch is skipped).
+    """
+
+    name = "dataset"
+
+    def __init__(self, examples: list[EncodedExample], global_batch: int, grad_accum: int, pad_id: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch % (world_size * grad_accum):
+            raise ValueError(
+                f"train.batch_size={global_batch} must be a multiple of world size x train.grad_accum "
+                f"= {world_size} x {grad_accum}"
+            )
+        if len(examples) < global_batch:
+            raise ValueError(f"train.batch_size={global_batch} is larger than the {len(examples)} training examples")
+        self.examples, self.global_batch, self.grad_accum, self.pad_id = examples, global_batch, grad_accum, pad_id
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.examples) // self.global_batch
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def next_batch(self) -> list[dict[str, torch.Tensor]]:
+        if self.position + self.global_batch > len(self.examples):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        indices = self._order[self.position:self.position + self.global_batch]
+        self.position += self.global_batch
+        per_rank = self.global_batch // self.world_size
+        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
+        per_micro = per_rank // self.grad_accum
+        return [
+            collate_for_training([self.examples[i] for i in mine[start:start + per_micro]], self.pad_id)
+            for start in range(0, per_rank, per_micro)
+        ]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()

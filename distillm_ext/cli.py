@@ -1,0 +1,126 @@
+"""The `distillm` command: `distillm train` distills, `distillm eval` scores a model.
+
+Multi-process: `torchrun --nproc_per_node N -m distillm_ext.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, describe_options, load_config
+
+EXAMPLES = """\
+examples:
+  distillm train                                   # the built-in default (SmolLM2-135M -> 12 layers, WordNet)
+  distillm train loss.type=srkl train.max_steps=20 output.dir=runs/srkl
+  distillm train --config my_run.yaml --resume
+  torchrun --nproc_per_node 2 -m distillm_ext.cli train train.batch_size=16
+"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="YAML or JSON file of {section: {key: value}}")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=20")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    options = "config keys (KEY=VALUE, default shown):\n" + describe_options()
+    parser = argparse.ArgumentParser(prog="distillm", description="DistiLLM knowledge distillation of causal LMs.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train", help="distill the teacher into the student", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distills config.teacher into config.student and prints a before/after table. "
+                    "Writes config.json, metrics.jsonl, plots/, checkpoints/ and summary.json to output.dir.",
+        epilog=options + "\n\n" + EXAMPLES)
+    _add_config_arguments(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in output.dir (exactly where it stopped)")
+    evaluate = commands.add_parser(
+        "eval", help="score a model: validation loss and ROUGE-L", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Scores a model on a data split: cross-entropy on the reference responses and ROUGE-L "
+                    "of generated answers (settings from the eval.* keys).",
+        epilog=options)
+    evaluate.add_argument("--model", required=True, metavar="PATH",
+                          help='"teacher", "student" (the untrained config.student), a run directory '
+                               "(its newest checkpoint), a checkpoint directory, or a model directory")
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
+    evaluate.add_argument("--output", metavar="FILE", help="also write the scores as JSON")
+    _add_config_arguments(evaluate)
+    return parser
+
+
+def _model_directory(path: str) -> str:
+    from .checkpoint import latest_checkpoint
+
+    directory = Path(path)
+    if latest_checkpoint(directory) is not None:  # a run directory
+        directory = latest_checkpoint(directory)
+    if (directory / "model" / "config.json").is_file():  # a checkpoint
+        directory = directory / "model"
+    return str(directory)
+
+
+def run_eval(args, config) -> dict:
+    import torch
+
+    from .data import encode_examples, load_examples
+    from .evaluate import evaluate
+    from .models import load_causal_lm, load_student, load_teacher
+
+    teacher, tokenizer = load_teacher(config.teacher.path)
+    if args.model == "teacher":
+        model = teacher
+    elif args.model == "student":
+        model = load_student(config.student.path, config.student.keep_layers, teacher, tokenizer)
+    else:
+        model, tokenizer = load_causal_lm(_model_directory(args.model), "--model")
+    data = config.data
+    examples = encode_examples(
+        load_examples(getattr(data, args.split), args.split, data.prompt_field, data.response_field),
+        tokenizer, data.template, data.max_length, data.max_prompt_length, args.split)
+    if config.eval.num_examples:
+        examples = examples[:config.eval.num_examples]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(model.to(device), tokenizer, examples, config.eval, device).to_dict()
+    result.update(model=args.model, split=args.split)
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.command == "train":
+            from .trainer import NonFiniteLossError, Trainer, results_table
+
+            try:
+                summary = Trainer(config, resume=args.resume).fit()
+            except NonFiniteLossError as error:
+                print(f"distillm: error: {error}", file=sys.stderr)
+                return 1
+            print(results_table(summary))
+            print(f"run directory: {config.output.dir}")
+        else:
+            result = run_eval(args, config)
+            print(json.dumps(result, indent=2))
+            if args.output:
+                Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"distillm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"distillm: {interrupt or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

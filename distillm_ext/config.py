@@ -1,0 +1,278 @@
+"""The run configuration: typed dataclass sections, a YAML/JSON file, and dotted overrides.
+
+`load_config(path, ["train.max_steps=20", "loss.type=srkl"])` starts from the built-in default
+(SmolLM2-135M-Instruct teacher, a pruned copy of it as student, WordNet definitions), applies
+the file, then the overrides. Unknown keys and values of the wrong type are errors that name
+the key and what was expected, so a typo never trains silently with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+BUILTIN = "builtin"
+
+
+def opt(default, help: str):
+    """A config field with its `--help` text; lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TeacherConfig:
+    path: str = opt(BUILTIN, 'local Hugging Face causal-LM directory, or "builtin" (SmolLM2-135M-Instruct)')
+
+
+@dataclass
+class StudentConfig:
+    path: str = opt(BUILTIN, 'local causal-LM directory, or "builtin": the teacher with fewer layers')
+    # First and last layers kept, middle ones removed: this model family degrades least that way.
+    keep_layers: list[int] = opt(
+        [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29], "teacher layers the built-in student keeps (comma-separated)"
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = opt(BUILTIN, 'JSON/JSONL(.gz)/arrow file, a `datasets` folder, or "builtin" (WordNet definitions)')
+    validation: str = opt(BUILTIN, "validation split, same forms as data.train")
+    test: str = opt(BUILTIN, "test split, same forms as data.train")
+    prompt_field: str = opt("prompt", "name of the prompt field in each example")
+    response_field: str = opt("response", "name of the response field in each example")
+    template: str = opt(
+        "chat", '"chat" (the tokenizer\'s chat template) or a format string with {prompt}, e.g. "Q: {prompt}\\nA: "'
+    )
+    max_length: int = opt(96, "prompt + response tokens; longer responses are truncated")
+    max_prompt_length: int = opt(64, "longer prompts are dropped, with a count in the log")
+
+
+@dataclass
+class LossConfig:
+    type: str = opt("skl", "fkl, rkl, skl (sfkl), srkl, jsd or tvd")
+    alpha: float = opt(0.1, "skew of skl/srkl, in [0, 1)")
+    beta: float = opt(0.5, "weight of jsd, in (0, 1)")
+    temperature: float = opt(1.0, "softmax temperature of both distributions")
+    kd_ratio: float = opt(1.0, "loss = kd_ratio * KD + (1 - kd_ratio) * cross-entropy on the responses")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(8, "global batch (examples per optimizer step), split across ranks and micro-batches")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(150, "optimizer steps; 0 = run train.epochs epochs")
+    epochs: int = opt(1, "epochs, when train.max_steps is 0")
+    lr: float = opt(1e-4, "peak AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant")
+    max_grad_norm: float = opt(1.0, "gradient-norm clipping; 0 disables it")
+    seed: int = opt(1234, "seed of weights init, data order and sampling")
+    bf16: bool = opt(True, "bf16 autocast and a bf16 teacher (CUDA only)")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = opt(0, "optimizer steps between evaluations; 0 = only before and after training")
+    num_examples: int = opt(100, "validation examples scored (0 = all)")
+    batch_size: int = opt(32, "examples per evaluation batch")
+    max_new_tokens: int = opt(32, "generated tokens per answer, for ROUGE-L")
+    do_sample: bool = opt(False, "sample answers instead of greedy decoding")
+    temperature: float = opt(1.0, "sampling temperature (do_sample only)")
+    top_p: float = opt(1.0, "nucleus sampling (do_sample only)")
+    top_k: int = opt(0, "top-k sampling, 0 = off (do_sample only)")
+    teacher: bool = opt(True, "also score the teacher, once before training")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/default", "run directory: config, metrics.jsonl, plots, checkpoints, summary")
+    log_interval: int = opt(1, "optimizer steps between metrics.jsonl lines")
+    checkpoint_interval: int = opt(50, "optimizer steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = opt(2, "most recent checkpoints kept")
+    plots: bool = opt(True, "write PNG plots of the curves")
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _field_types(section_cls) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _convert(key: str, value: Any, annotation, from_text: bool) -> Any:
+    """`value` as `annotation` (int, float, bool, str, list[int], Optional[...]), or ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (from_text and value in ("null", "none", "None")):
+            return None
+        return _convert(key, value, inner, from_text)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if from_text and isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_convert(key, v.strip() if isinstance(v, str) else v, inner, from_text) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return str(value).lower() in ("true", "1", "yes", "on")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. data.train=123 names a file called "123"
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key {key!r} expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def _set(config: Config, dotted_key: str, value: Any, from_text: bool) -> None:
+    section_name, _, key = dotted_key.partition(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section_name not in sections or not key:
+        raise ConfigError(
+            f"unknown config key {dotted_key!r}: keys are SECTION.FIELD with SECTION one of "
+            f"{', '.join(sections)}"
+        )
+    section = getattr(config, section_name)
+    types = _field_types(type(section))
+    if key not in types:
+        raise ConfigError(
+            f"unknown config key {dotted_key!r}; valid keys in [{section_name}]: "
+            f"{', '.join(f'{section_name}.{k}' for k in types)}"
+        )
+    setattr(section, key, _convert(dotted_key, value, types[key], from_text))
+
+
+def apply_dict(config: Config, values: dict) -> None:
+    """Applies a nested {section: {field: value}} mapping (as in a config file)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config file must hold a mapping of sections, got {type(values).__name__}")
+    for section_name, section_values in values.items():
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"config section {section_name!r} must be a mapping, got {section_values!r}")
+        for key, value in section_values.items():
+            _set(config, f"{section_name}.{key}", value, from_text=False)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> None:
+    """Applies command-line KEY=VALUE overrides (`train.max_steps=20`, `student.keep_layers=0,1,29`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=20)")
+        _set(config, key.strip(), value.strip(), from_text=True)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    config = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        import yaml  # a dependency of transformers; YAML is a superset of JSON
+
+        try:
+            apply_dict(config, yaml.safe_load(file.read_text()) or {})
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML/JSON: {error}") from None
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that values are in range, naming the key; types are already checked."""
+    from .losses import LOSSES
+
+    def require(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            section, _, name = key.partition(".")
+            value = getattr(getattr(config, section), name)
+            raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+
+    require(config.loss.type in LOSSES, "loss.type", f"one of {', '.join(LOSSES)}")
+    require(0.0 <= config.loss.alpha < 1.0, "loss.alpha", "in [0, 1)")
+    require(0.0 < config.loss.beta < 1.0, "loss.beta", "in (0, 1)")
+    require(config.loss.temperature > 0, "loss.temperature", "> 0")
+    require(0.0 <= config.loss.kd_ratio <= 1.0, "loss.kd_ratio", "in [0, 1]")
+    require(config.data.max_prompt_length > 0, "data.max_prompt_length", "> 0")
+    require(config.data.max_length > config.data.max_prompt_length, "data.max_length", "> data.max_prompt_length")
+    require(config.train.batch_size > 0, "train.batch_size", "> 0")
+    require(config.train.grad_accum > 0, "train.grad_accum", "> 0")
+    require(config.train.batch_size % config.train.grad_accum == 0, "train.batch_size", "a multiple of train.grad_accum")
+    require(config.train.max_steps >= 0, "train.max_steps", ">= 0")
+    require(config.train.max_steps > 0 or config.train.epochs > 0, "train.epochs", "> 0 when train.max_steps is 0")
+    require(config.train.lr > 0, "train.lr", "> 0")
+    require(config.train.warmup_steps >= 0, "train.warmup_steps", ">= 0")
+    require(config.train.schedule in ("cosine", "linear", "constant"), "train.schedule", "cosine, linear or constant")
+    require(config.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0")
+    require(config.eval.interval >= 0, "eval.interval", ">= 0")
+    require(config.eval.num_examples >= 0, "eval.num_examples", ">= 0")
+    require(config.eval.batch_size > 0, "eval.batch_size", "> 0")
+    require(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0")
+    require(config.output.log_interval > 0, "output.log_interval", "> 0")
+    require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
+    require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def describe_options() -> str:
+    """Every config key with its default, for `--help`."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        values = getattr(defaults, section.name)
+        types = _field_types(type(values))
+        for option in dataclasses.fields(values):
+            annotation = types[option.name]
+            type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+            default = getattr(values, option.name)
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            lines.append(f"  {section.name}.{option.name}={default}  ({type_name}) {option.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Evaluation: cross-entropy on ground-truth responses, and ROUGE-L of generated answers.
+
+The validation loss (student CE on the reference responses, per token) is the signal the
+adaptive SGO schedule watches; ROUGE-L (rouge-score, stemmed, F-measure x 100) of answers
+generated from the prompts is the paper's quality metric. Under torch.distributed each rank
+scores its shard of the examples and the sums are all-reduced, so every rank gets the same
+numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+
+from .config import EvalConfig
+from .data import EncodedExample, collate_for_training, collate_prompts, pad_token_id
+
+
+@dataclass
+class EvalResult:
+    val_loss: float  # mean cross-entropy per response token (nats)
+    rouge_l: float  # mean ROUGE-L F-measure x 100
+    examples: int
+
+    def to_dict(self) -> dict:
+        return {"val_loss": self.val_loss, "rougeL": self.rouge_l, "examples": self.examples}
+
+
+def _batches(items: list, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+def _shard(items: list) -> list:
+    if dist.is_available() and dist.is_initialized():
+        return items[dist.get_rank()::dist.get_world_size()]
+    return items
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+@torch.no_grad()
+def response_cross_entropy(model, examples: list[EncodedExample], pad_id: int, batch_size: int,
+                           device: torch.device) -> tuple[float, int]:
+    """(sum of per-token CE over the response tokens, number of those tokens) on this rank's examples."""
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for chunk in _batches(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate_for_training(chunk, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+        tokens += int((targets != -100).sum())
+    return float(total), tokens
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: list[EncodedExample], settings: EvalConfig,
+                     device: torch.device) -> list[str]:
+    """Answers generated from each example's prompt (special tokens removed)."""
+    pad_id = pad_token_id(tokenizer)
+    generation = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+           if settings.do_sample else {}),
+    )
+    was_training = model.training
+    model.eval()
+    answers = []
+    for chunk in _batches(examples, settings.batch_size):
+        batch = {k: v.to(device) for k, v in collate_prompts(chunk, pad_id).items()}
+        output = model.generate(**batch, generation_config=generation)
+        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return [answer.strip() for answer in answers]
+
+
+def rouge_l_sum(predictions: list[str], references: list[str]) -> float:
+    """Sum over pairs of ROUGE-L F-measure x 100 (stemmed, as in the DistiLLM paper)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(100.0 * scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+
+
+def evaluate(model, tokenizer, examples: list[EncodedExample], settings: EvalConfig,
+             device: torch.device) -> EvalResult:
+    """Validation CE and ROUGE-L of `model` on `examples` (all ranks together)."""
+    was_training = model.training
+    model.eval()
+    local = _shard(examples)
+    loss_sum, tokens = response_cross_entropy(model, local, pad_token_id(tokenizer), settings.batch_size, device)
+    answers = generate_answers(model, tokenizer, local, settings, device)
+    rouge_sum = rouge_l_sum(answers, [e.reference for e in local])
+    model.train(was_training)
+    loss_sum, tokens, rouge_sum, count = _all_reduce_sums([loss_sum, tokens, rouge_sum, len(local)], device)
+    return EvalResult(val_loss=loss_sum / max(tokens, 1), rouge_l=rouge_sum / max(count, 1), examples=int(count))

@@ -1,0 +1,48 @@
+"""PNG plots of a run's metrics.jsonl: training loss, learning rate and throughput, evaluations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Writes plots/training.png (losses, lr, tokens/s, validation curves); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in train]
+    axes[0, 0].plot(steps, [r["kd_loss"] for r in train], label="KD loss")
+    if any(r.get("ce_loss") is not None for r in train):
+        axes[0, 0].plot(steps, [r["ce_loss"] for r in train], label="CE loss")
+    axes[0, 0].set(title="training loss (per response token)", xlabel="step")
+    axes[0, 0].legend()
+    axes[0, 1].plot(steps, [r["lr"] for r in train])
+    axes[0, 1].set(title="learning rate", xlabel="step")
+    axes[1, 0].plot(steps, [r["tokens_per_s"] for r in train])
+    axes[1, 0].set(title="throughput (tokens/s)", xlabel="step")
+    eval_steps = [r["step"] for r in evals]
+    axes[1, 1].plot(eval_steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss")
+    axes[1, 1].set(title="validation", xlabel="step", ylabel="student CE on references")
+    rouge_axis = axes[1, 1].twinx()
+    rouge_axis.plot(eval_steps, [r["rougeL"] for r in evals], "s--", color="C1", label="ROUGE-L")
+    rouge_axis.set_ylabel("ROUGE-L")
+    figure.legend(loc="lower right")
+    figure.tight_layout()
+    out = Path(run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    path = out / "training.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]

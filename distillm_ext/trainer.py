@@ -1,0 +1,412 @@
+"""The lean distillation loop: a frozen teacher, a student, the fused KD loss, AdamW.
+
+One optimizer step: take this rank's micro-batches from the batch source; for each, the teacher
+forward (no_grad), the student forward, the loss over response tokens (labels shifted by one,
+-100 on prompt and padding), backward. The loss is a sum over tokens divided by the number of
+response tokens in the whole global batch (all ranks, all micro-batches), so gradient
+accumulation and any number of ranks give the gradient of one big batch.
+
+Run directory: config.json, metrics.jsonl, plots/*.png, checkpoints/step-*/, summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .batches import DatasetBatches
+from .config import Config, save_config
+from .data import encode_examples, load_examples, pad_token_id
+from .evaluate import EvalResult, evaluate
+from .losses import make_loss
+from .models import load_causal_lm, load_student, load_teacher
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world_size`, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+
+def init_runtime() -> Runtime:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Runtime(rank=rank, world_size=world_size, device=device)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+class StepTimer:
+    """Seconds per named section of a step; CUDA events on GPU so timing adds no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[str, object, object]] = []
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def collect(self) -> dict[str, float]:
+        """Totals since the last collect (synchronizes on GPU: call it when logging)."""
+        for name, start, end in self._events:
+            end.synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        totals, self._events, self.totals = self.totals, [], {}
+        return totals
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Distills config.teacher into config.student; `fit()` runs and returns the summary.
+
+    `callbacks`: functions called as `callback(trainer, step)` after every optimizer step
+    (after any checkpoint of that step), for monitoring or fault-injection tests.
+    """
+
+    def __init__(self, config: Config, resume: bool = False,
+                 callbacks: tuple[Callable[["Trainer", int], None], ...] = ()):
+        self.config, self.callbacks = config, callbacks
+        self.runtime = init_runtime()
+        self.run_dir = Path(config.output.dir)
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if resume and self.resume_from is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if self.runtime.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.json")
+        seed_everything(config.train.seed)
+        self._stop_requested = False
+        self._load_models()
+        self._load_data()
+        self.loss_fn = make_loss(config.loss.type, alpha=config.loss.alpha, beta=config.loss.beta,
+                                 temperature=config.loss.temperature, reduction="sum")
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        self.step = 0
+        self.history: dict = {"before": {}, "evals": []}
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _load_models(self) -> None:
+        config, device = self.config, self.runtime.device
+        self.teacher, self.tokenizer = load_teacher(config.teacher.path)
+        if self.resume_from is not None:
+            self.student, _ = load_causal_lm(str(self.resume_from / "model"), "student")
+            self.student.train()
+        else:
+            self.student = load_student(config.student.path, config.student.keep_layers, self.teacher, self.tokenizer)
+        self.bf16 = config.train.bf16 and device.type == "cuda"
+        if self.bf16:
+            self.teacher.to(torch.bfloat16)
+        self.teacher.to(device)
+        self.student.to(device)
+        # Vocabularies padded to different multiples (152064 vs 151936) share their first rows.
+        self.vocab_size = min(self.teacher.get_output_embeddings().weight.shape[0],
+                              self.student.get_output_embeddings().weight.shape[0])
+        if len(self.tokenizer) > self.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model outputs only {self.vocab_size}")
+        self.model = self.student
+        if self.runtime.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _load_data(self) -> None:
+        data, runtime = self.config.data, self.runtime
+        encode = lambda split: encode_examples(  # noqa: E731
+            load_examples(getattr(data, split), split, data.prompt_field, data.response_field),
+            self.tokenizer, data.template, data.max_length, data.max_prompt_length, split)
+        self.train_examples = encode("train")
+        self.val_examples = encode("validation")
+        if self.config.eval.num_examples:
+            self.val_examples = self.val_examples[:self.config.eval.num_examples]
+        train = self.config.train
+        self.source = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
+                                     pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
+        self.total_steps = train.max_steps or train.epochs * self.source.steps_per_epoch
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = ckpt.load_trainer_state(checkpoint)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.source.load_state_dict(state["source"])
+        self.history = state["history"]
+        ckpt.set_rng_state(state["rng"])
+        self._info(f"resumed from {checkpoint} at step {self.step}")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _info(self, message: str) -> None:
+        if self.runtime.is_main:
+            log.info(message)
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.runtime.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def evaluate(self, model) -> EvalResult:
+        return evaluate(model, self.tokenizer, self.val_examples, self.config.eval, self.runtime.device)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "source": self.source.state_dict(), "history": self.history}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, state,
+                                    self.config.output.keep_checkpoints)
+        self._info(f"saved checkpoint {path}")
+        return path
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _loss(self, batch: dict, timer: StepTimer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KD sum, CE sum) over this micro-batch's response tokens."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with timer.section("teacher_forward"), torch.no_grad(), self._autocast():
+            teacher_logits = self.teacher(**inputs).logits
+        with timer.section("student_forward"), self._autocast():
+            student_logits = self.model(**inputs).logits
+        with timer.section("loss"):
+            targets = batch["labels"][:, 1:]
+            vocab = self.vocab_size
+            kd = self.loss_fn(student_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab], targets)
+            kd_ratio = self.config.loss.kd_ratio
+            ce = torch.zeros((), device=kd.device)
+            if kd_ratio < 1.0:
+                ce = torch.nn.functional.cross_entropy(
+                    student_logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        return kd, ce
+
+    def train_step(self, timer: StepTimer) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns device tensors (no host sync here)."""
+        device, kd_ratio = self.runtime.device, self.config.loss.kd_ratio
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch()]
+        local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
+        global_tokens = self.runtime.all_reduce_sum(local_tokens.clone().float())
+        # DDP averages gradients over ranks; multiplying by world_size turns that into the sum.
+        scale = self.runtime.world_size / global_tokens.clamp(min=1.0)
+        kd_total = torch.zeros((), device=device)
+        ce_total = torch.zeros((), device=device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.runtime.distributed else self.model.no_sync()
+            with sync:
+                kd, ce = self._loss(batch, timer)
+                loss = (kd_ratio * kd + (1.0 - kd_ratio) * ce) * scale
+                with timer.section("student_backward"):
+                    loss.backward()
+            kd_total += kd.detach()
+            ce_total += ce.detach()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.train.lr * lr_factor(
+                self.step, self.config.train.warmup_steps, self.total_steps, self.config.train.schedule)
+        with timer.section("optimizer"):
+            grad_norm = torch.zeros((), device=device)
+            if self.config.train.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        sums = torch.stack([kd_total, ce_total, local_tokens.float(),
+                            sum(b["attention_mask"].sum() for b in micro_batches).float()])
+        return {"sums": sums, "grad_norm": grad_norm.detach()}
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+        signal.signal(signum, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if self.runtime.is_main:
+            log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
+        return bool(self.runtime.all_reduce_sum(flag).item() > 0) if self.runtime.distributed else self._stop_requested
+
+    def _log_interval(self, pending: list[dict], timer: StepTimer, started: float, bar) -> None:
+        """Reduces the steps since the last log, checks they were finite, writes one metrics line."""
+        if not pending:
+            return
+        first_step = self.step - len(pending) + 1
+        sums = torch.stack([p["sums"] for p in pending])  # (steps, 4): kd, ce, response tokens, tokens
+        sums = self.runtime.all_reduce_sum(sums).cpu()
+        for offset, row in enumerate(sums):
+            if not torch.isfinite(row[:2]).all():
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {first_step + offset}; the last good checkpoint is "
+                    f"{ckpt.latest_checkpoint(self.run_dir)}")
+        elapsed = time.perf_counter() - started
+        kd, ce, response_tokens, tokens = sums.sum(0).tolist()
+        kd_ratio = self.config.loss.kd_ratio
+        record = {
+            "kind": "train", "step": self.step, "epoch": self.source.epoch,
+            "loss": (kd_ratio * kd + (1 - kd_ratio) * ce) / max(response_tokens, 1),
+            "kd_loss": kd / max(response_tokens, 1), "ce_loss": ce / max(response_tokens, 1) if kd_ratio < 1 else None,
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(pending[-1]["grad_norm"]),
+            "tokens_per_s": tokens / elapsed, "source": self.source.name,
+            "time": {name: round(seconds, 4) for name, seconds in timer.collect().items()},
+            "elapsed_s": elapsed,
+        }
+        self._write_metrics(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        pending.clear()
+
+    def _evaluate_student(self, label: str) -> EvalResult:
+        result = self.evaluate(self.student)
+        self._info(f"{label}: val_loss {result.val_loss:.4f}, ROUGE-L {result.rouge_l:.2f} ({result.examples} examples)")
+        return result
+
+    def fit(self) -> dict:
+        config, runtime = self.config, self.runtime
+        if not self.history["before"]:
+            if config.eval.teacher:
+                with self._autocast():
+                    teacher = self.evaluate(self.teacher)
+                self.history["before"]["teacher"] = teacher.to_dict()
+                self._info(f"teacher: val_loss {teacher.val_loss:.4f}, ROUGE-L {teacher.rouge_l:.2f}")
+            before = self._evaluate_student("student before").to_dict()
+            self.history["before"]["student"] = before
+            self._write_metrics({"kind": "eval", "step": 0, **before})
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", dynamic_ncols=True,
+                   disable=not runtime.is_main)
+        try:
+            self._train_loop(bar)
+        finally:
+            bar.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self.step < self.total_steps:  # stopped by a signal, checkpoint saved
+            raise KeyboardInterrupt(f"stopped at step {self.step}; continue with --resume")
+        return self._finish()
+
+    def _train_loop(self, bar) -> None:
+        config = self.config
+        timer = StepTimer(self.runtime.device)
+        pending: list[dict] = []
+        started = time.perf_counter()
+        while self.step < self.total_steps:
+            pending.append(self.train_step(timer))
+            bar.update(1)
+            last = self.step == self.total_steps
+            checkpoint_now = config.output.checkpoint_interval and self.step % config.output.checkpoint_interval == 0
+            stop = self._should_stop()
+            if last or stop or checkpoint_now or self.step % config.output.log_interval == 0:
+                self._log_interval(pending, timer, started, bar)
+                started = time.perf_counter()
+            if config.eval.interval and self.step % config.eval.interval == 0 and not last:
+                result = self._evaluate_student(f"step {self.step}")
+                self.history["evals"].append({"step": self.step, **result.to_dict()})
+                self._write_metrics({"kind": "eval", "step": self.step, **result.to_dict()})
+                started = time.perf_counter()
+            if last or stop or checkpoint_now:
+                self.save()
+                started = time.perf_counter()
+            for callback in self.callbacks:
+                callback(self, self.step)
+            if stop:
+                return
+
+    def _finish(self) -> dict:
+        after = self._evaluate_student("student after")
+        self.history["evals"].append({"step": self.step, **after.to_dict()})
+        self._write_metrics({"kind": "eval", "step": self.step, **after.to_dict()})
+        summary = {
+            "teacher": self.history["before"].get("teacher"),
+            "student_before": self.history["before"]["student"],
+            "student_after": after.to_dict(),
+            "steps": self.step,
+            "checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
+        }
+        if self.runtime.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.config.output.plots:
+                from .plots import plot_run
+
+                plot_run(self.run_dir)
+        return summary
+
+
+def results_table(summary: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    rows = [("teacher", summary.get("teacher")), ("student before", summary["student_before"]),
+            ("student after", summary["student_after"])]
+    lines = [f"{'model':<16} {'val loss':>9} {'ROUGE-L':>8}", "-" * 35]
+    for name, result in rows:
+        if result:
+            lines.append(f"{name:<16} {result['val_loss']:>9.4f} {result['rougeL']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""The built-in default (SmolLM2-135M-Instruct teacher from its GGUF package, a pruned student,
+WordNet definitions) runs end to end through the `distillm` command, for a few steps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_builtin_default_runs_a_few_steps(tmp_path):
+    run = tmp_path / "default"
+    result = subprocess.run(
+        [sys.executable, "-m", "distillm_ext.cli", "train", "train.max_steps=3", "eval.num_examples=8",
+         "eval.max_new_tokens=8", f"output.dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher" in result.stdout and "student after" in result.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["teacher"]["examples"] == 8
+    config = json.loads((run / "config.json").read_text())
+    assert config["teacher"]["path"] == "builtin" and len(config["student"]["keep_layers"]) == 12
+    assert (run / "plots" / "training.png").is_file()

@@ -1,0 +1,40 @@
+"""Tokenization and batching: labels follow the Hugging Face convention exactly."""
+
+import torch
+from tiny_models import TEMPLATE, make_tokenizer
+
+from distillm_ext.data import Example, collate_for_training, collate_prompts, encode_examples
+
+
+def test_labels_mask_prompt_and_padding_and_keep_eos():
+    tokenizer = make_tokenizer()
+    encoded = encode_examples([Example("define the noun cat .", "a small animal that purrs"),
+                               Example("define the noun key .", "a thing")], tokenizer, TEMPLATE, 24, 12)
+    batch = collate_for_training(encoded, tokenizer.pad_token_id)
+    first, second = encoded
+    n_prompt = len(first.prompt_ids)
+    assert tokenizer.decode(first.prompt_ids) == "Q: define the noun cat . A:"
+    assert first.response_ids[-1] == tokenizer.eos_token_id
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert (labels[0, :n_prompt] == -100).all()
+    assert labels[0, n_prompt:].tolist() == first.response_ids == ids[0, n_prompt:].tolist()
+    n_second = len(second.prompt_ids) + len(second.response_ids)
+    assert (labels[1, n_second:] == -100).all() and (mask[1, n_second:] == 0).all()
+    assert (ids[1, n_second:] == tokenizer.pad_token_id).all() and (mask[1, :n_second] == 1).all()
+
+
+def test_long_responses_are_truncated_to_max_length():
+    tokenizer = make_tokenizer()
+    (encoded,) = encode_examples([Example("define the noun cat .", "a small animal that purrs " * 5)],
+                                 tokenizer, TEMPLATE, 12, 10)
+    assert len(encoded.prompt_ids) + len(encoded.response_ids) == 12
+
+
+def test_prompts_are_left_padded_for_generation():
+    tokenizer = make_tokenizer()
+    encoded = encode_examples([Example("define cat .", "a"), Example("define the noun river .", "a")],
+                              tokenizer, TEMPLATE, 24, 12)
+    batch = collate_prompts(encoded, tokenizer.pad_token_id)
+    assert batch["input_ids"][0, -len(encoded[0].prompt_ids):].tolist() == encoded[0].prompt_ids
+    assert batch["attention_mask"][0].tolist() == [0, 0] + [1] * len(encoded[0].prompt_ids)
+    assert torch.equal(batch["input_ids"][1], torch.tensor(encoded[1].prompt_ids))

@@ -14,8 +14,16 @@ TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=$(nproc) python -m pip install --no-build-is
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 python -c "import distillm_ext; print(distillm_ext.build_info())" | tee -a "$OUT/gpu.txt"
 
-echo "== tests (CPU and CUDA) =="
-python -m pytest -q python_tests -m "not slow" 2>&1 | tee "$OUT/tests.txt" | tail -15
+echo "== tests (CPU and CUDA; the trainer tests train tiny models on the GPU, bf16) =="
+TRAINER_TESTS=(python_tests/test_trainer.py python_tests/test_trainer_errors.py python_tests/test_data.py)
+IGNORE=()
+if ! python -c "import transformers, datasets, rouge_score, matplotlib" 2>/dev/null; then
+  echo "trainer dependencies missing on this machine (no network): skipping ${TRAINER_TESTS[*]}"
+  for t in "${TRAINER_TESTS[@]}"; do IGNORE+=(--ignore "$t"); done
+fi
+# A failing test must not cost the benchmark run: report and go on.
+python -m pytest -q python_tests -m "not slow" "${IGNORE[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -15 \
+  || echo "TESTS FAILED (see $OUT/tests.txt)"
 
 echo "== benchmark (CUDA) =="
 python benchmarks/bench_skew_kl.py --devices cuda --warmup 3 --reps 10 --out "$OUT/bench_skew_kl.json" \

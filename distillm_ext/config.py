@@ -66,9 +66,9 @@ class LossConfig:
 class TrainConfig:
     batch_size: int = opt(8, "global batch (examples per optimizer step), split across ranks and micro-batches")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(150, "optimizer steps; 0 = run train.epochs epochs")
+    max_steps: int = opt(120, "optimizer steps; 0 = run train.epochs epochs")
     epochs: int = opt(1, "epochs, when train.max_steps is 0")
-    lr: float = opt(1e-4, "peak AdamW learning rate")
+    lr: float = opt(2e-4, "peak AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(10, "linear warm-up steps")
     schedule: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant")

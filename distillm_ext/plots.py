@@ -33,12 +33,12 @@ def plot_run(run_dir: Path) -> list[Path]:
     axes[1, 0].plot(steps, [r["tokens_per_s"] for r in train])
     axes[1, 0].set(title="throughput (tokens/s)", xlabel="step")
     eval_steps = [r["step"] for r in evals]
-    axes[1, 1].plot(eval_steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss")
+    (loss_line,) = axes[1, 1].plot(eval_steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss")
     axes[1, 1].set(title="validation", xlabel="step", ylabel="student CE on references")
     rouge_axis = axes[1, 1].twinx()
-    rouge_axis.plot(eval_steps, [r["rougeL"] for r in evals], "s--", color="C1", label="ROUGE-L")
+    (rouge_line,) = rouge_axis.plot(eval_steps, [r["rougeL"] for r in evals], "s--", color="C1", label="ROUGE-L")
     rouge_axis.set_ylabel("ROUGE-L")
-    figure.legend(loc="lower right")
+    axes[1, 1].legend(handles=[loss_line, rouge_line], loc="center right")
     figure.tight_layout()
     out = Path(run_dir) / "plots"
     out.mkdir(exist_ok=True)

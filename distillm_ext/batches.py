@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import ConfigError
 from .data import EncodedExample, collate_for_training
 
 
@@ -28,12 +29,12 @@ class DatasetBatches:
     def __init__(self, examples: list[EncodedExample], global_batch: int, grad_accum: int, pad_id: int,
                  seed: int, rank: int = 0, world_size: int = 1):
         if global_batch % (world_size * grad_accum):
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={global_batch} must be a multiple of world size x train.grad_accum "
                 f"= {world_size} x {grad_accum}"
             )
         if len(examples) < global_batch:
-            raise ValueError(f"train.batch_size={global_batch} is larger than the {len(examples)} training examples")
+            raise ConfigError(f"train.batch_size={global_batch} is larger than the {len(examples)} training examples")
         self.examples, self.global_batch, self.grad_accum, self.pad_id = examples, global_batch, grad_accum, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.position = 0, 0

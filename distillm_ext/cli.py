@@ -58,8 +58,9 @@ def _model_directory(path: str) -> str:
     from .checkpoint import latest_checkpoint
 
     directory = Path(path)
-    if latest_checkpoint(directory) is not None:  # a run directory
-        directory = latest_checkpoint(directory)
+    newest = latest_checkpoint(directory)
+    if newest is not None:  # a run directory
+        directory = newest
     if (directory / "model" / "config.json").is_file():  # a checkpoint
         directory = directory / "model"
     return str(directory)
@@ -68,7 +69,7 @@ def _model_directory(path: str) -> str:
 def run_eval(args, config) -> dict:
     import torch
 
-    from .data import encode_examples, load_examples
+    from .data import load_split
     from .evaluate import evaluate
     from .models import load_causal_lm, load_student, load_teacher
 
@@ -79,12 +80,7 @@ def run_eval(args, config) -> dict:
         model = load_student(config.student.path, config.student.keep_layers, teacher, tokenizer)
     else:
         model, tokenizer = load_causal_lm(_model_directory(args.model), "--model")
-    data = config.data
-    examples = encode_examples(
-        load_examples(getattr(data, args.split), args.split, data.prompt_field, data.response_field),
-        tokenizer, data.template, data.max_length, data.max_prompt_length, args.split)
-    if config.eval.num_examples:
-        examples = examples[:config.eval.num_examples]
+    examples = load_split(config.data, args.split, tokenizer, config.eval.num_examples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate(model.to(device), tokenizer, examples, config.eval, device).to_dict()
     result.update(model=args.model, split=args.split)

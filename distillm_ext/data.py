@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import BUILTIN, ConfigError
+from .config import BUILTIN, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,13 @@ def encode_examples(examples: list[Example], tokenizer, template: str, max_lengt
     if not encoded:
         raise ConfigError(f"data.{split}: every prompt is longer than data.max_prompt_length={max_prompt_length}")
     return encoded
+
+
+def load_split(data: DataConfig, split: str, tokenizer, limit: int = 0) -> list[EncodedExample]:
+    """Split `split` of the configured data, tokenized; only its first `limit` examples if limit > 0."""
+    examples = load_examples(getattr(data, split), split, data.prompt_field, data.response_field)
+    encoded = encode_examples(examples, tokenizer, data.template, data.max_length, data.max_prompt_length, split)
+    return encoded[:limit] if limit else encoded
 
 
 def pad_token_id(tokenizer) -> int:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from transformers import GenerationConfig
 
 from .config import EvalConfig
 from .data import EncodedExample, collate_for_training, collate_prompts, pad_token_id
+from .distributed import all_reduce_sum, rank, world_size
 
 
 @dataclass
@@ -32,19 +32,6 @@ class EvalResult:
 def _batches(items: list, batch_size: int):
     for start in range(0, len(items), batch_size):
         yield items[start:start + batch_size]
-
-
-def _shard(items: list) -> list:
-    if dist.is_available() and dist.is_initialized():
-        return items[dist.get_rank()::dist.get_world_size()]
-    return items
-
-
-def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    return totals.tolist()
 
 
 @torch.no_grad()
@@ -97,10 +84,11 @@ def evaluate(model, tokenizer, examples: list[EncodedExample], settings: EvalCon
     """Validation CE and ROUGE-L of `model` on `examples` (all ranks together)."""
     was_training = model.training
     model.eval()
-    local = _shard(examples)
+    local = examples[rank()::world_size()]
     loss_sum, tokens = response_cross_entropy(model, local, pad_token_id(tokenizer), settings.batch_size, device)
     answers = generate_answers(model, tokenizer, local, settings, device)
     rouge_sum = rouge_l_sum(answers, [e.reference for e in local])
     model.train(was_training)
-    loss_sum, tokens, rouge_sum, count = _all_reduce_sums([loss_sum, tokens, rouge_sum, len(local)], device)
+    totals = all_reduce_sum(torch.tensor([loss_sum, tokens, rouge_sum, len(local)], dtype=torch.float64, device=device))
+    loss_sum, tokens, rouge_sum, count = totals.tolist()
     return EvalResult(val_loss=loss_sum / max(tokens, 1), rouge_l=rouge_sum / max(count, 1), examples=int(count))

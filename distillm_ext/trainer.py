@@ -15,23 +15,21 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .batches import DatasetBatches
 from .config import Config, ConfigError, save_config
-from .data import encode_examples, load_examples, pad_token_id
+from .data import load_split, pad_token_id
+from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
 from .losses import make_loss
 from .models import load_causal_lm, load_student, load_teacher
@@ -41,41 +39,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its rank among `world_size`, and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def init_runtime() -> Runtime:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Runtime(rank=rank, world_size=world_size, device=device)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -184,13 +147,8 @@ class Trainer:
 
     def _load_data(self) -> None:
         data, runtime = self.config.data, self.runtime
-        encode = lambda split: encode_examples(  # noqa: E731
-            load_examples(getattr(data, split), split, data.prompt_field, data.response_field),
-            self.tokenizer, data.template, data.max_length, data.max_prompt_length, split)
-        self.train_examples = encode("train")
-        self.val_examples = encode("validation")
-        if self.config.eval.num_examples:
-            self.val_examples = self.val_examples[:self.config.eval.num_examples]
+        self.train_examples = load_split(data, "train", self.tokenizer)
+        self.val_examples = load_split(data, "validation", self.tokenizer, self.config.eval.num_examples)
         train = self.config.train
         self.source = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
                                      pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
@@ -259,7 +217,7 @@ class Trainer:
         device, kd_ratio = self.runtime.device, self.config.loss.kd_ratio
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch()]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
-        global_tokens = self.runtime.all_reduce_sum(local_tokens.clone().float())
+        global_tokens = all_reduce_sum(local_tokens.clone().float())
         # DDP averages gradients over ranks; multiplying by world_size turns that into the sum.
         scale = self.runtime.world_size / global_tokens.clamp(min=1.0)
         kd_total = torch.zeros((), device=device)
@@ -298,7 +256,7 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
-        return bool(self.runtime.all_reduce_sum(flag).item() > 0) if self.runtime.distributed else self._stop_requested
+        return bool(all_reduce_sum(flag).item() > 0) if self.runtime.distributed else self._stop_requested
 
     def _log_interval(self, pending: list[dict], timer: StepTimer, started: float, bar) -> None:
         """Reduces the steps since the last log, checks they were finite, writes one metrics line."""
@@ -306,7 +264,7 @@ class Trainer:
             return
         first_step = self.step - len(pending) + 1
         sums = torch.stack([p["sums"] for p in pending])  # (steps, 4): kd, ce, response tokens, tokens
-        sums = self.runtime.all_reduce_sum(sums).cpu()
+        sums = all_reduce_sum(sums).cpu()
         for offset, row in enumerate(sums):
             if not torch.isfinite(row[:2]).all():
                 raise NonFiniteLossError(

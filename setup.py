@@ -71,6 +71,8 @@ def extension():
         "csrc/skew_kl/skew_kl.cpp",
         "csrc/skew_kl/skew_kl_autograd.cpp",
         "csrc/skew_kl/skew_kl_cpu.cpp",
+        "csrc/replay/replay.cpp",
+        "csrc/replay/replay_cpu.cpp",
     ]
     macros = [("DISTILLM_DEBUG", None)] if debug else []
     include_dirs = [str(ROOT / "csrc")]
@@ -86,7 +88,7 @@ def extension():
     ]
     nvcc_flags = [*opt, "-lineinfo"]
     return cpp_extension.CUDAExtension(
-        "distillm_ext._C", sources + ["csrc/skew_kl/skew_kl_cuda.cu"],
+        "distillm_ext._C", sources + ["csrc/skew_kl/skew_kl_cuda.cu", "csrc/replay/replay_cuda.cu"],
         include_dirs=include_dirs + pip_cuda_include_dirs(), define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
 

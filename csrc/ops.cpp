@@ -18,15 +18,20 @@ TORCH_LIBRARY(distillm, m) {
       "-> (Tensor row_loss, Tensor grad)");
 
   // Replay buffer of student-generated sequences (csrc/replay/replay_math.h has the layout).
+  // No keyword-only arguments: they cost microseconds per call to parse, the ops' whole budget.
   // Writes a batch of right-padded sequences into the FIFO ring, evicting the oldest entries.
   m.def(
       "replay_push(Tensor(a!) tokens, Tensor(b!) meta, Tensor(c!) priorities, Tensor(d!) cursor, "
-      "Tensor input_ids, Tensor prompt_lengths, Tensor lengths, *, int step=0, int pad_token_id=0) -> ()");
-  // k distinct filled slots, drawn with probability proportional to priority**beta from the
-  // uniform `noise` (capacity,) (Efraimidis-Spirakis keys).
-  m.def("replay_sample(Tensor priorities, Tensor cursor, Tensor noise, int k, *, float beta=1.0) -> Tensor");
-  // The entries in `indices` as a training batch: input_ids, attention_mask, labels (k, max_length).
+      "Tensor input_ids, Tensor prompt_lengths, Tensor lengths, int step=0, int pad_token_id=0) -> ()");
+  // k distinct filled slots drawn with probability proportional to priority**beta (random
+  // numbers from `generator`), and those entries as a training batch like replay_gather's.
   m.def(
-      "replay_gather(Tensor tokens, Tensor meta, Tensor indices, *, int pad_token_id=0, "
+      "replay_sample(Tensor tokens, Tensor meta, Tensor priorities, Tensor cursor, int k, "
+      "float beta=1.0, Generator? generator=None, int pad_token_id=0, int ignore_index=-100) "
+      "-> (Tensor indices, Tensor input_ids, Tensor attention_mask, Tensor labels)");
+  // The entries in slots `indices` as a training batch: input_ids, attention_mask, labels
+  // (k, max_length), labels -100 on prompt and padding (Hugging Face convention).
+  m.def(
+      "replay_gather(Tensor tokens, Tensor meta, Tensor indices, int pad_token_id=0, "
       "int ignore_index=-100) -> (Tensor input_ids, Tensor attention_mask, Tensor labels)");
 }

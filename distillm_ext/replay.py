@@ -4,7 +4,7 @@ The storage is a FIFO ring of `capacity` right-padded sequences of at most `max_
 each with its prompt length, total length, insertion step and a sampling priority. The work is
 done by the compiled ops torch.ops.distillm.replay_push / replay_sample / replay_gather, which
 on CUDA never wait for the host: the write position and fill count stay on the device, and the
-sampling noise comes from this buffer's own torch.Generator (Philox on CUDA). The host keeps
+random numbers come from this buffer's own torch.Generator (Philox on CUDA). The host keeps
 its own count of the entries (it knows every pushed batch's size), so `len()` and the
 "empty buffer" / "batch too large" errors cost no synchronization either.
 """
@@ -20,6 +20,9 @@ from . import _load  # noqa: F401  (registers torch.ops.distillm.*)
 from .data import IGNORE_INDEX
 
 Device = Union[str, torch.device]
+_push = torch.ops.distillm.replay_push.default
+_sample = torch.ops.distillm.replay_sample.default
+_gather = torch.ops.distillm.replay_gather.default
 
 
 class ReplayBuffer:
@@ -51,7 +54,8 @@ class ReplayBuffer:
         self.priorities = torch.ones(capacity, dtype=torch.float32, device=self.device)
         self.cursor = torch.zeros(2, **long)  # next slot, number filled (read by the kernels)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self._size = 0
+        self._size, self._next = 0, 0  # host mirrors of the device cursor
+        self._slot_ring = torch.arange(capacity, device=self.device).repeat(2)  # slot i at i and i + capacity
 
     def __len__(self) -> int:
         return self._size
@@ -61,18 +65,19 @@ class ReplayBuffer:
         return self._size == self.capacity
 
     def push(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, lengths: torch.Tensor,
-             step: int = 0) -> None:
+             step: int = 0) -> torch.Tensor:
         """Adds right-padded sequences: row i is a prompt of prompt_lengths[i] tokens followed by
-        its response (EOS included), lengths[i] tokens in all. Oldest entries are evicted."""
-        self._check_input("input_ids", input_ids, 2)
-        self._check_input("prompt_lengths", prompt_lengths, 1)
-        self._check_input("lengths", lengths, 1)
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(f"ReplayBuffer.push: sequences of {input_ids.shape[1]} tokens do not fit "
-                             f"max_length={self.max_length}")
-        torch.ops.distillm.replay_push(self.tokens, self.meta, self.priorities, self.cursor, input_ids,
-                                       prompt_lengths, lengths, step=step, pad_token_id=self.pad_token_id)
-        self._size = min(self._size + input_ids.shape[0], self.capacity)
+        its response (EOS included), lengths[i] tokens in all. Oldest entries are evicted.
+        Returns the slots written (for gather), one per row still held."""
+        # The op checks dtypes, shapes, devices and (on CPU) the lengths, naming the argument.
+        _push(self.tokens, self.meta, self.priorities, self.cursor, input_ids, prompt_lengths, lengths,
+              step, self.pad_token_id)
+        pushed = input_ids.shape[0]
+        kept = min(pushed, self.capacity)
+        first = (self._next + pushed - kept) % self.capacity
+        slots = self._slot_ring[first:first + kept].clone()
+        self._size, self._next = min(self._size + pushed, self.capacity), (self._next + pushed) % self.capacity
+        return slots
 
     def sample(self, batch_size: int, trim: bool = False) -> dict[str, torch.Tensor]:
         """A training batch of `batch_size` distinct entries: input_ids, attention_mask and labels
@@ -86,15 +91,22 @@ class ReplayBuffer:
         if not 0 < batch_size <= self._size:
             raise ValueError(f"ReplayBuffer.sample: batch_size must be in [1, {self._size}] (the entries "
                              f"held), got {batch_size}")
-        noise = torch.rand(self.capacity, generator=self.generator, device=self.device)
-        indices = torch.ops.distillm.replay_sample(self.priorities, self.cursor, noise, batch_size, beta=self.beta)
-        input_ids, attention_mask, labels = torch.ops.distillm.replay_gather(
-            self.tokens, self.meta, indices, pad_token_id=self.pad_token_id, ignore_index=IGNORE_INDEX)
+        indices, input_ids, attention_mask, labels = _sample(
+            self.tokens, self.meta, self.priorities, self.cursor, batch_size, self.beta, self.generator,
+            self.pad_token_id, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "indices": indices}
-        if trim:
-            width = int(self.meta[indices, 1].max())
-            batch.update({k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels")})
-        return batch
+        return self._trimmed(batch) if trim else batch
+
+    def gather(self, indices: torch.Tensor, trim: bool = False) -> dict[str, torch.Tensor]:
+        """The entries in slots `indices` as a training batch, like sample()'s."""
+        self._check_input("indices", indices, 1)
+        input_ids, attention_mask, labels = _gather(self.tokens, self.meta, indices, self.pad_token_id, IGNORE_INDEX)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "indices": indices}
+        return self._trimmed(batch) if trim else batch
+
+    def _trimmed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        width = max(int(batch["attention_mask"].sum(1).max()), 1)
+        return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
 
     def update_priorities(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Sets the priorities of slots `indices` (as returned by sample) to `values` (> 0)."""
@@ -114,7 +126,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: storage, cursor, generator state (on CPU)."""
         return {
-            "capacity": self.capacity, "max_length": self.max_length, "size": self._size,
+            "capacity": self.capacity, "max_length": self.max_length, "size": self._size, "next": self._next,
             "tokens": self.tokens.cpu(), "meta": self.meta.cpu(), "priorities": self.priorities.cpu(),
             "cursor": self.cursor.cpu(), "generator": self.generator.get_state(),
         }
@@ -127,7 +139,7 @@ class ReplayBuffer:
         for name in ("tokens", "meta", "priorities", "cursor"):
             getattr(self, name).copy_(state[name])
         self.generator.set_state(state["generator"])
-        self._size = state["size"]
+        self._size, self._next = state["size"], state["next"]
 
     def _check_input(self, name: str, tensor: torch.Tensor, dim: int) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != dim or tensor.is_floating_point():

@@ -1,11 +1,16 @@
 // Torch glue of the replay buffer ops (distillm::replay_push, replay_sample, replay_gather):
-// input checks, allocation, the raw-pointer views the schedules take, and the CPU / CUDA / Meta
-// registrations. Values that live on the device (lengths, indices, the fill count) are checked
+// input checks, allocation, random draws from the caller's torch.Generator, the raw-pointer
+// views the schedules take, and the CPU / CUDA / Meta registrations. Values that live on the device (lengths, indices, the fill count) are checked
 // only on CPU: on CUDA a check would wait for the device, and these ops never do.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
+
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 
 #include "replay_cpu.h"
 
@@ -134,62 +139,12 @@ void push_meta(at::Tensor& tokens, at::Tensor& meta, at::Tensor& priorities, at:
   push_impl(tokens, meta, priorities, cursor, input_ids, prompt_lengths, lengths, step, pad_token_id, false);
 }
 
-// -- sample -----------------------------------------------------------------------------------
-
-void check_sample(const at::Tensor& priorities, const at::Tensor& cursor, const at::Tensor& noise, int64_t k,
-                  double beta) {
-  constexpr const char* op = "replay_sample";
-  TORCH_CHECK(priorities.dim() == 1 && priorities.size(0) > 0, op,
-              ": priorities must be a non-empty (capacity,) tensor, got shape ", priorities.sizes());
-  const int64_t capacity = priorities.size(0);
-  check_priorities(priorities, capacity, priorities, op);
-  check_cursor(cursor, priorities, op);
-  check_tensor(noise, op, "noise", at::kFloat, {capacity}, priorities);
-  TORCH_CHECK(0 <= k && k <= capacity, op, ": k must be in [0, capacity=", capacity, "], got ", k);
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0, op, ": beta must be a finite number >= 0, got ", beta);
-}
-
-at::Tensor sample_kernel(const at::Tensor& priorities, const at::Tensor& cursor, const at::Tensor& noise, int64_t k,
-                         double beta) {
-  check_sample(priorities, cursor, noise, k, beta);
-  const int64_t capacity = priorities.size(0);
-  at::Tensor keys = at::empty({capacity}, priorities.options());
-  if (priorities.is_cpu()) {
-    const int64_t filled = cursor.data_ptr<int64_t>()[kFilled];
-    TORCH_CHECK(k <= filled, "replay_sample: cannot sample ", k, " entries without replacement from a buffer "
-                "holding ", filled);
-    at::Tensor indices = at::empty({k}, cursor.options());
-    sample_cpu(priorities.data_ptr<float>(), cursor.data_ptr<int64_t>(), noise.data_ptr<float>(),
-               static_cast<float>(beta), capacity, k, keys.data_ptr<float>(), indices.data_ptr<int64_t>());
-    return indices;
-  }
-#ifdef DISTILLM_WITH_CUDA
-  if (priorities.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(priorities.device());
-    sample_keys_cuda(priorities.data_ptr<float>(), cursor.data_ptr<int64_t>(), noise.data_ptr<float>(),
-                     static_cast<float>(beta), capacity, keys.data_ptr<float>(), stream_of(priorities));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return std::get<1>(at::topk(keys, k, /*dim=*/0, /*largest=*/true, /*sorted=*/true));
-  }
-#endif
-  no_kernel("replay_sample", priorities);
-}
-
-at::Tensor sample_meta(const at::Tensor& priorities, const at::Tensor& cursor, const at::Tensor& noise, int64_t k,
-                       double beta) {
-  check_sample(priorities, cursor, noise, k, beta);
-  return at::empty({k}, cursor.options());
-}
-
 // -- gather -----------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_impl(const at::Tensor& tokens, const at::Tensor& meta,
-                                                           const at::Tensor& indices, int64_t pad_token_id,
-                                                           int64_t ignore_index, bool run) {
-  constexpr const char* op = "replay_gather";
-  check_tokens(tokens, op);
-  check_meta(meta, tokens, op);
-  at::Tensor slots = as_index_tensor(indices, op, "indices", 1, tokens);
+using Batch = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // input_ids, attention_mask, labels
+
+Batch gather_impl(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& slots, int64_t pad_token_id,
+                  int64_t ignore_index, bool run) {
   const int64_t capacity = tokens.size(0), max_length = tokens.size(1), rows = slots.size(0);
   at::Tensor input_ids = at::empty({rows, max_length}, tokens.options());
   at::Tensor attention_mask = at::empty({rows, max_length}, tokens.options());
@@ -209,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_impl(const at::Tensor& tok
   prm.ignore_index = ignore_index;
   if (tokens.is_cpu()) {
     for (int64_t i = 0; i < rows; ++i) {
-      TORCH_CHECK(0 <= prm.indices[i] && prm.indices[i] < capacity, op, ": indices must be slots in [0, ",
+      TORCH_CHECK(0 <= prm.indices[i] && prm.indices[i] < capacity, "replay_gather: indices must be slots in [0, ",
                   capacity, "), got ", prm.indices[i], " at position ", i);
     }
     gather_cpu(prm);
@@ -223,19 +178,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_impl(const at::Tensor& tok
     return {input_ids, attention_mask, labels};
   }
 #endif
-  no_kernel(op, tokens);
+  no_kernel("replay_gather", tokens);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_kernel(const at::Tensor& tokens, const at::Tensor& meta,
-                                                             const at::Tensor& indices, int64_t pad_token_id,
-                                                             int64_t ignore_index) {
-  return gather_impl(tokens, meta, indices, pad_token_id, ignore_index, true);
+Batch gather_op(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& indices, int64_t pad_token_id,
+                int64_t ignore_index, bool run) {
+  constexpr const char* op = "replay_gather";
+  check_tokens(tokens, op);
+  check_meta(meta, tokens, op);
+  const at::Tensor slots = as_index_tensor(indices, op, "indices", 1, tokens);
+  return gather_impl(tokens, meta, slots, pad_token_id, ignore_index, run);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_meta(const at::Tensor& tokens, const at::Tensor& meta,
-                                                           const at::Tensor& indices, int64_t pad_token_id,
-                                                           int64_t ignore_index) {
-  return gather_impl(tokens, meta, indices, pad_token_id, ignore_index, false);
+Batch gather_kernel(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& indices, int64_t pad_token_id,
+                    int64_t ignore_index) {
+  return gather_op(tokens, meta, indices, pad_token_id, ignore_index, true);
+}
+
+Batch gather_meta(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& indices, int64_t pad_token_id,
+                  int64_t ignore_index) {
+  return gather_op(tokens, meta, indices, pad_token_id, ignore_index, false);
+}
+
+// -- sample -----------------------------------------------------------------------------------
+
+using Sample = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // indices, then a Batch
+
+void check_sample(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& priorities,
+                  const at::Tensor& cursor, int64_t k, double beta) {
+  constexpr const char* op = "replay_sample";
+  check_tokens(tokens, op);
+  const int64_t capacity = tokens.size(0);
+  check_meta(meta, tokens, op);
+  check_priorities(priorities, capacity, tokens, op);
+  check_cursor(cursor, tokens, op);
+  TORCH_CHECK(0 <= k && k <= capacity, op, ": k must be in [0, capacity=", capacity, "], got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0, op, ": beta must be a finite number >= 0, got ", beta);
+}
+
+// The slots to draw. CPU: Floyd's k draws when all weights are equal (the common, uniform
+// case), else Efraimidis-Spirakis keys over the filled slots. CUDA: the keys over all slots,
+// empty ones at -inf, and a device top-k, so the fill count is never read on the host.
+at::Tensor draw_slots(const at::Tensor& priorities, const at::Tensor& cursor, int64_t k, double beta,
+                      const std::optional<at::Generator>& generator) {
+  const int64_t capacity = priorities.size(0);
+  if (priorities.is_cpu()) {
+    const int64_t filled = cursor.data_ptr<int64_t>()[kFilled];
+    TORCH_CHECK(k <= filled, "replay_sample: cannot sample ", k, " entries without replacement from a buffer "
+                "holding ", filled);
+    at::Tensor slots = at::empty({k}, cursor.options());
+    const float* w = priorities.data_ptr<float>();
+    if (beta == 0.0 || std::all_of(w, w + filled, [w](float x) { return x == w[0]; })) {
+      auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+      const std::lock_guard<std::mutex> lock(gen->mutex_);
+      sample_uniform_cpu(filled, k, [gen] { return gen->random64(); }, slots.data_ptr<int64_t>());
+    } else {
+      const at::Tensor noise = at::rand({filled}, generator, priorities.options());
+      sample_weighted_cpu(w, filled, noise.data_ptr<float>(), static_cast<float>(beta), k, slots.data_ptr<int64_t>());
+    }
+    return slots;
+  }
+#ifdef DISTILLM_WITH_CUDA
+  if (priorities.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(priorities.device());
+    const at::Tensor noise = at::rand({capacity}, generator, priorities.options());
+    at::Tensor keys = at::empty({capacity}, priorities.options());
+    sample_keys_cuda(priorities.data_ptr<float>(), cursor.data_ptr<int64_t>(), noise.data_ptr<float>(),
+                     static_cast<float>(beta), capacity, keys.data_ptr<float>(), stream_of(priorities));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return std::get<1>(at::topk(keys, k, /*dim=*/0, /*largest=*/true, /*sorted=*/true));
+  }
+#endif
+  no_kernel("replay_sample", priorities);
+}
+
+Sample sample_kernel(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& priorities,
+                     const at::Tensor& cursor, int64_t k, double beta, std::optional<at::Generator> generator,
+                     int64_t pad_token_id, int64_t ignore_index) {
+  check_sample(tokens, meta, priorities, cursor, k, beta);
+  const at::Tensor slots = draw_slots(priorities, cursor, k, beta, generator);
+  auto [input_ids, attention_mask, labels] = gather_impl(tokens, meta, slots, pad_token_id, ignore_index, true);
+  return {slots, input_ids, attention_mask, labels};
+}
+
+Sample sample_meta(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& priorities,
+                   const at::Tensor& cursor, int64_t k, double beta, std::optional<at::Generator> /*generator*/,
+                   int64_t pad_token_id, int64_t ignore_index) {
+  check_sample(tokens, meta, priorities, cursor, k, beta);
+  const at::Tensor slots = at::empty({k}, cursor.options());
+  auto [input_ids, attention_mask, labels] = gather_impl(tokens, meta, slots, pad_token_id, ignore_index, false);
+  return {slots, input_ids, attention_mask, labels};
 }
 
 }  // namespace

@@ -17,7 +17,10 @@ __global__ void push_kernel(PushParams p) {
   const int64_t total = p.batch * p.storage.max_length;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
        e += int64_t{gridDim.x} * blockDim.x) {
-    push_element(p, next, e / p.storage.max_length, e % p.storage.max_length);
+    const int64_t b = e / p.storage.max_length, t = e % p.storage.max_length;
+    const int64_t slot = push_slot(p, next, b);
+    p.storage.tokens[slot * p.storage.max_length + t] = pushed_token(p, b, t);
+    if (t == 0) push_row_meta(p, slot, b);
   }
 }
 
@@ -39,7 +42,8 @@ __global__ void gather_kernel(GatherParams p) {
   const int64_t total = p.rows * p.max_length;
   for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
        e += int64_t{gridDim.x} * blockDim.x) {
-    gather_element(p, e / p.max_length, e % p.max_length);
+    const int64_t i = e / p.max_length;
+    gather_element(p, gather_row(p, i), i, e % p.max_length);
   }
 }
 

@@ -61,21 +61,27 @@ DISTILLM_HD int64_t clamp_to(int64_t value, int64_t low, int64_t high) {
   return value < low ? low : (value > high ? high : value);
 }
 
-// Writes token t of batch row b into slot (next + skipped + b) mod capacity; t == 0 also writes the row's
-// metadata. Lengths are clamped into [0, width] and prompt lengths into [0, length] (the CPU
-// glue rejects such values instead; on CUDA a check would need a host sync).
-DISTILLM_HD void push_element(const PushParams& p, int64_t next, int64_t b, int64_t t) {
-  const Storage& s = p.storage;
-  const int64_t slot = (next + p.skipped + b) % s.capacity;
-  const int64_t length = clamp_to(p.lengths[b], 0, p.width);
-  s.tokens[slot * s.max_length + t] = t < length ? p.input_ids[b * p.width + t] : p.pad_token_id;
-  if (t == 0) {
-    int64_t* meta = s.meta + slot * kMetaFields;
-    meta[kPromptLength] = clamp_to(p.prompt_lengths[b], 0, length);
-    meta[kLength] = length;
-    meta[kStep] = p.step;
-    s.priorities[slot] = 1.0f;
-  }
+DISTILLM_HD int64_t push_slot(const PushParams& p, int64_t next, int64_t b) {
+  return (next + p.skipped + b) % p.storage.capacity;
+}
+
+// Lengths are clamped into [0, width] and prompt lengths into [0, length] (the CPU glue
+// rejects such values instead; on CUDA a check would need a host sync).
+DISTILLM_HD int64_t push_length(const PushParams& p, int64_t b) { return clamp_to(p.lengths[b], 0, p.width); }
+
+// Row b's metadata and priority, written once per row.
+DISTILLM_HD void push_row_meta(const PushParams& p, int64_t slot, int64_t b) {
+  const int64_t length = push_length(p, b);
+  int64_t* meta = p.storage.meta + slot * kMetaFields;
+  meta[kPromptLength] = clamp_to(p.prompt_lengths[b], 0, length);
+  meta[kLength] = length;
+  meta[kStep] = p.step;
+  p.storage.priorities[slot] = 1.0f;
+}
+
+// Token t of row b as stored: the input up to the row's length, padding after it.
+DISTILLM_HD int64_t pushed_token(const PushParams& p, int64_t b, int64_t t) {
+  return t < push_length(p, b) ? p.input_ids[b * p.width + t] : p.pad_token_id;
 }
 
 DISTILLM_HD void advance_cursor(int64_t* cursor, int64_t batch, int64_t capacity) {
@@ -88,25 +94,32 @@ DISTILLM_HD void advance_cursor(int64_t* cursor, int64_t batch, int64_t capacity
 // in (0, 1], so the key is finite; empty slots get -inf and are never taken first.
 DISTILLM_HD float sample_key(float noise, float priority, float beta, bool filled) {
   if (!filled) return -INFINITY;
-  return log1pf(-noise) / powf(priority, beta);
+  const float weight = beta == 1.0f ? priority : (beta == 0.0f ? 1.0f : powf(priority, beta));
+  return log1pf(-noise) / weight;
 }
 
-// Element (i, t) of the gathered batch, in the Hugging Face convention of dataset batches:
-// input_ids right-padded, attention_mask 1 on the sequence, labels = input_ids on the response
-// (EOS included) and ignore_index on prompt and padding. Not shifted: the model shifts.
+// Row i of the gathered batch is slot indices[i] in the Hugging Face convention of dataset
+// batches: input_ids right-padded, attention_mask 1 on the sequence, labels = input_ids on the
+// response (EOS included) and ignore_index on prompt and padding. Not shifted: the model shifts.
 // An index outside [0, capacity) gives an all-padding row (the CPU glue rejects it first).
-DISTILLM_HD void gather_element(const GatherParams& p, int64_t i, int64_t t) {
+struct GatherRow {
+  int64_t slot, prompt_length, length;
+};
+
+DISTILLM_HD GatherRow gather_row(const GatherParams& p, int64_t i) {
   const int64_t slot = p.indices[i];
-  const bool valid = slot >= 0 && slot < p.capacity;
-  const int64_t* meta = p.meta + (valid ? slot : 0) * kMetaFields;
-  const int64_t length = valid ? meta[kLength] : 0;
-  const int64_t prompt = valid ? meta[kPromptLength] : 0;
-  const bool in_sequence = t < length;
-  const int64_t token = in_sequence ? p.tokens[slot * p.max_length + t] : p.pad_token_id;
+  if (slot < 0 || slot >= p.capacity) return {0, 0, 0};
+  const int64_t* meta = p.meta + slot * kMetaFields;
+  return {slot, meta[kPromptLength], meta[kLength]};
+}
+
+DISTILLM_HD void gather_element(const GatherParams& p, const GatherRow& row, int64_t i, int64_t t) {
+  const bool in_sequence = t < row.length;
+  const int64_t token = in_sequence ? p.tokens[row.slot * p.max_length + t] : p.pad_token_id;
   const int64_t out = i * p.max_length + t;
   p.input_ids[out] = token;
   p.attention_mask[out] = in_sequence ? 1 : 0;
-  p.labels[out] = in_sequence && t >= prompt ? token : p.ignore_index;
+  p.labels[out] = in_sequence && t >= row.prompt_length ? token : p.ignore_index;
 }
 
 }  // namespace distillm::replay_impl

@@ -2,10 +2,11 @@
 micro-batches; the dataset is one source, and the off-policy sources (replayed and freshly
 generated student outputs) plug in beside it.
 
-Every source returns, for this rank, a list of `grad_accum` micro-batches, each a dict of
-(b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention, -100 on
-prompt and padding), and saves its position with state_dict() so that --resume continues
-with exactly the batch an uninterrupted run would have seen.
+Every source's `next_batch(step)` returns, for this rank, a list of `grad_accum` micro-batches,
+each a dict of (b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention,
+-100 on prompt and padding); `name` says where the latest came from. state_dict() saves the
+position, so that --resume continues with exactly the batch an uninterrupted run would have
+seen. sgo.SGOBatches is the other source.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class DatasetBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.examples), generator=generator).tolist()
 
-    def next_batch(self) -> list[dict[str, torch.Tensor]]:
+    def next_examples(self) -> list[list[EncodedExample]]:
+        """This rank's examples of the next global batch, one list per micro-batch."""
         if self.position + self.global_batch > len(self.examples):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation()
@@ -57,10 +59,10 @@ class DatasetBatches:
         per_rank = self.global_batch // self.world_size
         mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
         per_micro = per_rank // self.grad_accum
-        return [
-            collate_for_training([self.examples[i] for i in mine[start:start + per_micro]], self.pad_id)
-            for start in range(0, per_rank, per_micro)
-        ]
+        return [[self.examples[i] for i in mine[start:start + per_micro]] for start in range(0, per_rank, per_micro)]
+
+    def next_batch(self, step: int = 0) -> list[dict[str, torch.Tensor]]:
+        return [collate_for_training(examples, self.pad_id) for examples in self.next_examples()]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -1,9 +1,10 @@
-"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, trainer_state.pt, rng-rank*.pt}`.
+"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, trainer_state.pt, rank*.pt}`.
 
 A checkpoint is assembled in a temporary directory beside its final place and renamed into it
 only when complete, so a run killed at any moment (SIGKILL included) leaves either the previous
-checkpoint or the new one, never a half-written one. Each rank saves its own RNG state (its
-dropout and sampling streams differ); rank 0 saves the rest.
+checkpoint or the new one, never a half-written one. Each rank saves its own state to rank<r>.pt
+(RNG streams, which differ per rank, and what the trainer passes as `rank_state`, such as its
+replay buffer); rank 0 saves the rest.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, rank_state: dict,
+                    keep: int) -> Path:
     """Writes checkpoint `step` atomically (all ranks call this); keeps the `keep` newest."""
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
@@ -64,7 +66,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         tokenizer.save_pretrained(staging / "model")
         torch.save(trainer_state, staging / STATE_FILE)
     barrier()
-    torch.save(rng_state(), staging / f"rng-rank{rank()}.pt")
+    torch.save({"rng": rng_state(), **rank_state}, staging / f"rank{rank()}.pt")
     barrier()
     if rank() == 0:
         for path in staging.iterdir():  # flush file contents before the rename makes them visible
@@ -81,9 +83,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
+    """Rank 0's trainer state, with this rank's own state (rng, ...) under "rank"."""
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-    rng_file = checkpoint / f"rng-rank{rank()}.pt"
-    if not rng_file.is_file():
-        raise RuntimeError(f"{checkpoint} has no RNG state for rank {rank()}: resume with the world size it was saved with")
-    state["rng"] = torch.load(rng_file, weights_only=False)
+    rank_file = checkpoint / f"rank{rank()}.pt"
+    if not rank_file.is_file():
+        raise RuntimeError(f"{checkpoint} has no state for rank {rank()}: resume with the world size it was saved with")
+    state["rank"] = torch.load(rank_file, map_location="cpu", weights_only=False)
     return state

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 BUILTIN = "builtin"
+SGO_MODES = ("off", "on_policy", "adaptive")
 
 
 def opt(default, help: str):
@@ -91,6 +92,22 @@ class EvalConfig:
 
 
 @dataclass
+class SGOConfig:
+    mode: str = opt("off", "off (dataset only: plain KD), on_policy (fresh student outputs, GKD-style) or "
+                           "adaptive (DistiLLM: replay buffer + adaptive schedule)")
+    on_policy_ratio: float = opt(1.0, "on_policy: probability of a step on fresh student outputs (lambda)")
+    buffer_size: int = opt(1000, "replay buffer capacity in sequences, per rank")
+    init_threshold: float = opt(0.0, "adaptive: initial phi, the probability of a step on student outputs")
+    loss_eps: float = opt(0.1, "adaptive: phi rises when the validation loss is worse by at least this")
+    n_phi: int = opt(10, "adaptive: phi rises by 1/n_phi at a time")
+    replay_ratio: str = opt("decreasing", "adaptive: share of phi spent on fresh generation over time: "
+                                          "decreasing, constant or increasing")
+    temperature: float = opt(1.0, "sampling temperature of student outputs")
+    top_p: float = opt(1.0, "nucleus sampling of student outputs (1 = off)")
+    top_k: int = opt(0, "top-k sampling of student outputs (0 = off)")
+
+
+@dataclass
 class OutputConfig:
     dir: str = opt("runs/default", "run directory: config, metrics.jsonl, plots, checkpoints, summary")
     log_interval: int = opt(1, "optimizer steps between metrics.jsonl lines")
@@ -107,6 +124,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sgo: SGOConfig = field(default_factory=SGOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -225,6 +243,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def validate(config: Config) -> None:
     """Checks that values are in range, naming the key; types are already checked."""
     from .losses import LOSSES
+    from .schedule import REPLAY_RATIOS
 
     def require(ok: bool, key: str, expected: str) -> None:
         if not ok:
@@ -252,6 +271,20 @@ def validate(config: Config) -> None:
     require(config.eval.num_examples >= 0, "eval.num_examples", ">= 0")
     require(config.eval.batch_size > 0, "eval.batch_size", "> 0")
     require(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0")
+    sgo = config.sgo
+    require(sgo.mode in SGO_MODES, "sgo.mode", f"one of {', '.join(SGO_MODES)}")
+    require(0.0 <= sgo.on_policy_ratio <= 1.0, "sgo.on_policy_ratio", "in [0, 1]")
+    require(sgo.buffer_size >= config.train.batch_size, "sgo.buffer_size", ">= train.batch_size")
+    require(0.0 <= sgo.init_threshold <= 1.0, "sgo.init_threshold", "in [0, 1]")
+    require(sgo.loss_eps >= 0, "sgo.loss_eps", ">= 0")
+    require(sgo.n_phi > 0, "sgo.n_phi", "> 0")
+    require(sgo.replay_ratio in REPLAY_RATIOS, "sgo.replay_ratio", f"one of {', '.join(REPLAY_RATIOS)}")
+    require(sgo.temperature > 0, "sgo.temperature", "> 0")
+    require(0.0 < sgo.top_p <= 1.0, "sgo.top_p", "in (0, 1]")
+    require(sgo.top_k >= 0, "sgo.top_k", ">= 0")
+    require(sgo.mode != "adaptive" or config.eval.interval > 0 or sgo.init_threshold > 0, "sgo.init_threshold",
+            "> 0, or eval.interval > 0, with sgo.mode=adaptive (phi only rises at validations; otherwise it "
+            "stays 0 and the run is plain KD)")
     require(config.output.log_interval > 0, "output.log_interval", "> 0")
     require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
     require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")

@@ -12,13 +12,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Writes plots/training.png (losses, lr, tokens/s, validation curves); returns the paths."""
+    """Writes plots/training.png (losses, lr, tokens/s, validation curves) and, for runs on
+    student-generated outputs, plots/sgo.png; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
+    out = Path(run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    paths = [_plot_training(plt, records, out / "training.png")]
+    if any("phi" in r for r in records):
+        paths.append(_plot_sgo(plt, records, out / "sgo.png"))
+    return paths
+
+
+def _plot_training(plt, records: list[dict], path: Path) -> Path:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     figure, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -40,9 +50,31 @@ def plot_run(run_dir: Path) -> list[Path]:
     rouge_axis.set_ylabel("ROUGE-L")
     axes[1, 1].legend(handles=[loss_line, rouge_line], loc="center right")
     figure.tight_layout()
-    out = Path(run_dir) / "plots"
-    out.mkdir(exist_ok=True)
-    path = out / "training.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return [path]
+    return path
+
+
+def _plot_sgo(plt, records: list[dict], path: Path) -> Path:
+    """φ (the probability of a step on student outputs), the share of wall time spent
+    generating, and the cumulative steps per batch source."""
+    train = [r for r in records if r["kind"] == "train" and "phi" in r]
+    steps = [r["step"] for r in train]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].plot(steps, [r["phi"] for r in train], label="phi")
+    share = [r["time"].get("generate", 0.0) / r["elapsed_s"] if r["elapsed_s"] else 0.0 for r in train]
+    axes[0].plot(steps, share, alpha=0.6, label="generation share of wall time")
+    axes[0].set(title="SGO schedule", xlabel="step", ylim=(-0.05, 1.05))
+    axes[0].legend()
+    for source in ("dataset", "generate", "replay"):
+        counts, total = [], 0
+        for r in train:
+            total += r["sources"].get(source, 0)
+            counts.append(total)
+        axes[1].plot(steps, counts, label=source)
+    axes[1].set(title="steps per batch source (cumulative)", xlabel="step")
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

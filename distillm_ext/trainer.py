@@ -6,6 +6,9 @@ forward (no_grad), the student forward, the loss over response tokens (labels sh
 response tokens in the whole global batch (all ranks, all micro-batches), so gradient
 accumulation and any number of ranks give the gradient of one big batch.
 
+With sgo.mode on_policy or adaptive, the batch source (sgo.SGOBatches) may replace the dataset
+batch with fresh or replayed student outputs; the adaptive schedule hears every validation loss.
+
 Run directory: config.json, metrics.jsonl, plots/*.png, checkpoints/step-*/, summary.json.
 """
 
@@ -29,6 +32,7 @@ from . import checkpoint as ckpt
 from .batches import DatasetBatches
 from .config import Config, ConfigError, save_config
 from .data import load_split, pad_token_id
+from .sgo import SGOBatches
 from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
 from .losses import make_loss
@@ -149,18 +153,25 @@ class Trainer:
         data, runtime = self.config.data, self.runtime
         self.train_examples = load_split(data, "train", self.tokenizer)
         self.val_examples = load_split(data, "validation", self.tokenizer, self.config.eval.num_examples)
-        train = self.config.train
-        self.source = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
-                                     pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
-        self.total_steps = train.max_steps or train.epochs * self.source.steps_per_epoch
+        train, sgo = self.config.train, self.config.sgo
+        dataset = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
+                                 pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
+        self.total_steps = train.max_steps or train.epochs * dataset.steps_per_epoch
+        self.source = dataset
+        if sgo.mode != "off":
+            self.source = SGOBatches(
+                dataset, self.student, sgo, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
+                total_steps=self.total_steps, seed=train.seed, rank=runtime.rank, device=runtime.device,
+                autocast=self._autocast)
 
     def _restore(self, checkpoint: Path) -> None:
         state = ckpt.load_trainer_state(checkpoint)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.source.load_state_dict(state["source"])
+        self.source.load_state_dict(state["rank"]["source"])
         self.history = state["history"]
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rank"]["rng"])
         if self.runtime.is_main:  # drop what the interrupted run logged after its checkpoint
             metrics = self.run_dir / "metrics.jsonl"
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
@@ -185,10 +196,9 @@ class Trainer:
         return evaluate(model, self.tokenizer, self.val_examples, self.config.eval, self.runtime.device)
 
     def save(self) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "source": self.source.state_dict(), "history": self.history}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, state,
-                                    self.config.output.keep_checkpoints)
+                                    {"source": self.source.state_dict()}, self.config.output.keep_checkpoints)
         self._info(f"saved checkpoint {path}")
         return path
 
@@ -215,7 +225,7 @@ class Trainer:
     def train_step(self, timer: StepTimer) -> dict[str, torch.Tensor]:
         """One optimizer step; returns device tensors (no host sync here)."""
         device, kd_ratio = self.runtime.device, self.config.loss.kd_ratio
-        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch()]
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch(self.step)]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
         global_tokens = all_reduce_sum(local_tokens.clone().float())
         # DDP averages gradients over ranks; multiplying by world_size turns that into the sum.
@@ -282,6 +292,10 @@ class Trainer:
             "time": {name: round(seconds, 4) for name, seconds in timer.collect().items()},
             "elapsed_s": elapsed,
         }
+        if isinstance(self.source, SGOBatches):  # sources: steps per kind since the last line
+            stats = self.source.take_stats()
+            record["time"]["generate"] = stats.pop("generation_s")
+            record.update(stats)
         self._write_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -332,6 +346,8 @@ class Trainer:
                 started = time.perf_counter()
             if config.eval.interval and self.step % config.eval.interval == 0 and not last:
                 result = self._evaluate_student(f"step {self.step}")
+                if isinstance(self.source, SGOBatches) and self.source.on_validation(result.val_loss):
+                    self._info(f"validation loss rose: phi is now {self.source.phi:.2f}")
                 self.history["evals"].append({"step": self.step, **result.to_dict()})
                 self._write_metrics({"kind": "eval", "step": self.step, **result.to_dict()})
                 started = time.perf_counter()

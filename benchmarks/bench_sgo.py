@@ -45,9 +45,12 @@ def train(mode: str, seed: int, args, train_file: Path, run_dir: Path) -> dict:
         f"sgo.init_threshold={args.init_threshold}", f"sgo.buffer_size={args.buffer_size}",
         f"output.dir={run_dir}", "output.checkpoint_interval=0", "output.plots=true",
     ]
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides], check=True,
-                   stdout=subprocess.DEVNULL)
+    with open(run_dir.with_suffix(".log"), "w") as log:  # the trainer's own log and progress bar
+        done = subprocess.run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides], stdout=log, stderr=log)
+    if done.returncode != 0:
+        sys.exit(f"distillm train ({mode}, seed {seed}) failed; see {run_dir.with_suffix('.log')}")
     total_s = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
@@ -70,10 +73,10 @@ def train(mode: str, seed: int, args, train_file: Path, run_dir: Path) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 4321])
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--train-examples", type=int, default=80, help="training split size (several epochs)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--train-examples", type=int, default=56, help="training split size (several epochs)")
     parser.add_argument("--eval-interval", type=int, default=10)
-    parser.add_argument("--eval-examples", type=int, default=50)
+    parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--init-threshold", type=float, default=0.1)
     parser.add_argument("--buffer-size", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

@@ -32,11 +32,11 @@ from . import checkpoint as ckpt
 from .batches import DatasetBatches
 from .config import Config, ConfigError, save_config
 from .data import load_split, pad_token_id
-from .sgo import SGOBatches
 from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
 from .losses import make_loss
 from .models import load_causal_lm, load_student, load_teacher
+from .sgo import SGOBatches
 
 log = logging.getLogger(__name__)
 

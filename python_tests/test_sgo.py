@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from test_trainer import _run, final_weights, train, train_records
+from test_trainer import KILL_AT_STEP_5, _run, final_weights, train, train_records
 from tiny_models import overrides
 
 from distillm_ext import ReplayBuffer
@@ -120,19 +120,6 @@ def test_phi_rises_when_the_validation_loss_does(tiny, tmp_path, monkeypatch):
     phi = [r["phi"] for r in train_records(run)]
     assert phi == pytest.approx([0.0] * 6 + [0.1] * 2 + [0.2] * 2)
     assert set(sources_per_step(run)[:6]) == {"dataset"}
-
-
-KILL_AT_STEP_5 = """
-import os, signal, sys
-from distillm_ext.config import load_config
-from distillm_ext.trainer import Trainer
-
-def kill(trainer, step):
-    if step == 5:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-Trainer(load_config(None, sys.argv[1:]), callbacks=(kill,)).fit()
-"""
 
 
 def test_sigkill_then_resume_restores_buffer_and_scheduler(tiny, tmp_path):

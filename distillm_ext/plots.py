@@ -56,14 +56,18 @@ def _plot_training(plt, records: list[dict], path: Path) -> Path:
 
 
 def _plot_sgo(plt, records: list[dict], path: Path) -> Path:
-    """φ (the probability of a step on student outputs), the share of wall time spent
-    generating, and the cumulative steps per batch source."""
+    """φ (the probability of a step on student outputs), the share of training time spent
+    generating so far, and the cumulative steps per batch source."""
     train = [r for r in records if r["kind"] == "train" and "phi" in r]
     steps = [r["step"] for r in train]
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     axes[0].plot(steps, [r["phi"] for r in train], label="phi")
-    share = [r["time"].get("generate", 0.0) / r["elapsed_s"] if r["elapsed_s"] else 0.0 for r in train]
-    axes[0].plot(steps, share, alpha=0.6, label="generation share of wall time")
+    generating = elapsed = 0.0
+    share = []  # cumulative: per step it is 0 or most of the step, which says little
+    for r in train:
+        generating, elapsed = generating + r["time"].get("generate", 0.0), elapsed + r["elapsed_s"]
+        share.append(generating / elapsed if elapsed else 0.0)
+    axes[0].plot(steps, share, label="share of training time spent generating (so far)")
     axes[0].set(title="SGO schedule", xlabel="step", ylim=(-0.05, 1.05))
     axes[0].legend()
     for source in ("dataset", "generate", "replay"):

@@ -42,7 +42,7 @@ def train(mode: str, seed: int, args, train_file: Path, run_dir: Path) -> dict:
     overrides = [
         f"sgo.mode={mode}", f"train.seed={seed}", f"train.max_steps={args.steps}", f"data.train={train_file}",
         f"eval.interval={args.eval_interval}", f"eval.num_examples={args.eval_examples}", "eval.teacher=false",
-        f"sgo.init_threshold={args.init_threshold}", f"sgo.buffer_size={args.buffer_size}",
+        f"sgo.init_threshold={args.init_threshold}", f"sgo.loss_eps={args.loss_eps}", f"sgo.buffer_size={args.buffer_size}",
         f"output.dir={run_dir}", "output.checkpoint_interval=0", "output.plots=true", f"train.lr={args.lr}",
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,7 @@ def main():
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--init-threshold", type=float, default=0.1)
+    parser.add_argument("--loss-eps", type=float, default=0.1, help="rise of the validation loss that raises phi")
     parser.add_argument("--buffer-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (the default run's: 2e-4)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -99,7 +100,7 @@ def main():
         row["phi"] = " ".join(f"{p:.1f}" for p in row["phi_trajectory"])
         row["steps_d_g_r"] = f"{row['dataset_steps']}/{row['generate_steps']}/{row['replay_steps']}"
     print(f"\n{args.steps} steps x 8 examples over {args.train_examples} training examples; "
-          f"lr {args.lr}, init_threshold {args.init_threshold}, buffer {args.buffer_size}; evaluation every {args.eval_interval} steps "
+          f"lr {args.lr}, init_threshold {args.init_threshold}, loss_eps {args.loss_eps}, buffer {args.buffer_size}; evaluation every {args.eval_interval} steps "
           f"on {args.eval_examples} validation examples")
     print_table(rows, [
         ("mode", "mode", "{}"), ("seed", "seed", "{}"), ("train_s", "train s", "{:.0f}"),

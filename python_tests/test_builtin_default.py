@@ -25,3 +25,21 @@ def test_builtin_default_runs_a_few_steps(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["teacher"]["path"] == "builtin" and len(config["student"]["keep_layers"]) == 12
     assert (run / "plots" / "training.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["on_policy", "adaptive"])
+def test_builtin_default_trains_on_student_outputs(tmp_path, mode):
+    run = tmp_path / mode
+    # adaptive with phi = 1 and a one-batch buffer: generate, then replay or generate.
+    result = subprocess.run(
+        [sys.executable, "-m", "distillm_ext.cli", "train", f"sgo.mode={mode}", "sgo.init_threshold=1.0",
+         "sgo.buffer_size=8", "train.max_steps=3", "eval.num_examples=8", "eval.max_new_tokens=8",
+         "eval.teacher=false", f"output.dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sources = [r["source"] for r in records if r["kind"] == "train"]
+    assert sources[0] == "generate" and "dataset" not in sources
+    assert all(r["kd_loss"] == r["kd_loss"] for r in records if r["kind"] == "train")
+    assert (run / "plots" / "sgo.png").is_file()

@@ -1,12 +1,12 @@
 // Torch glue of the replay buffer ops (distillm::replay_push, replay_sample, replay_gather):
 // input checks, allocation, random draws from the caller's torch.Generator, the raw-pointer
-// views the schedules take, and the CPU / CUDA / Meta registrations. Values that live on the device (lengths, indices, the fill count) are checked
-// only on CPU: on CUDA a check would wait for the device, and these ops never do.
+// views the schedules take, and the CPU / CUDA / Meta registrations. Values that live on the
+// device (lengths, indices, the fill count) are checked only on CPU: on CUDA a check would wait
+// for the device, and these ops never do.
 #include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

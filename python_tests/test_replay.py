@@ -204,8 +204,10 @@ def filled(count, capacity=4):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tensors_on_another_device_are_a_clear_error():
     buffer = ReplayBuffer(4, 6, device="cuda")
-    with pytest.raises(ValueError, match="on cpu but the buffer is on cuda"):
-        buffer.push(*sequences(0, 2, "cpu"))
+    with pytest.raises(RuntimeError, match=r"input_ids must be on the buffer's device \(cuda:0\), got cpu"):
+        buffer.push(*sequences(0, 2, "cpu"))  # checked by the op
+    with pytest.raises(ValueError, match="indices is on cpu but the buffer is on cuda:0"):
+        buffer.gather(torch.tensor([0]))  # checked in Python
 
 
 def test_ops_reject_bad_storage():

@@ -4,12 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdint>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "skew_kl_cpu.h"
 
@@ -125,27 +120,10 @@ std::vector<c10::SymInt> leading_shape(const at::Tensor& t) {
   return {sizes.begin(), sizes.end() - 1};
 }
 
-// Asks Linux to back a fresh CPU gradient with 2 MB pages before the kernel first writes it.
-// With 4 kB pages the first touch of a (2048 x 32000) float gradient is 64k page faults, about
-// as long as the whole loss computation on two cores. Only the 2 MB-aligned interior is
-// advised; the hint is best effort and failure is harmless.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, bool compute_grad) {
   at::Tensor row_loss = at::empty_symint(leading_shape(student), student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_symint(student.sym_sizes(), student.options())
                                  : at::empty({0}, student.options());
-  if (compute_grad && grad.device().is_cpu()) advise_huge_pages(grad);
   return {row_loss, grad};
 }
 

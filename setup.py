@@ -68,6 +68,7 @@ def extension():
     sources = [
         "csrc/ops.cpp",
         "csrc/python_module.cpp",
+        "csrc/skew_kl/cpu_gradient_cache.cpp",
         "csrc/skew_kl/skew_kl.cpp",
         "csrc/skew_kl/skew_kl_autograd.cpp",
         "csrc/skew_kl/skew_kl_cpu.cpp",

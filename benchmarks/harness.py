@@ -69,10 +69,16 @@ def time_ms(run: Callable[[], None], device: str, warmup: int, reps: int,
     return times
 
 
-def peak_memory_mb(run: Callable[[], None], device: str, setup: Optional[Callable[[], None]] = None) -> float:
-    """Peak bytes allocated while `run` executes, above what was allocated before it, in MB."""
+def peak_memory_mb(run: Callable[[], None], device: str, setup: Optional[Callable[[], None]] = None,
+                   release: Optional[Callable[[], None]] = None) -> float:
+    """Peak bytes allocated while `run` executes, above what was allocated before it, in MB.
+
+    `release` frees what an implementation keeps between calls for reuse (a cache), so that
+    the peak counts the memory a call needs and not only what it adds to the cache."""
     if setup is not None:
         setup()
+    if release is not None:
+        release()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -95,9 +101,9 @@ def _status_kb(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-def measure(name: str, run, device: str, warmup: int, reps: int, setup=None) -> Result:
+def measure(name: str, run, device: str, warmup: int, reps: int, setup=None, release=None) -> Result:
     times = time_ms(run, device, warmup, reps, setup)
-    peak = peak_memory_mb(run, device, setup)
+    peak = peak_memory_mb(run, device, setup, release)
     return Result(name, statistics.median(times), min(times), peak)
 
 

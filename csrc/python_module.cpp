@@ -1,8 +1,11 @@
 // The Python extension module distillm_ext._C. Importing it registers the operators (static
-// initializers of the linked kernels); it also reports how it was built.
+// initializers of the linked kernels); it also reports how it was built and releases the
+// CPU gradient cache.
 #include <pybind11/pybind11.h>
 
 #include <torch/version.h>
+
+#include "skew_kl/cpu_gradient_cache.h"
 
 #ifndef DISTILLM_CUDA_ARCHS
 #define DISTILLM_CUDA_ARCHS ""
@@ -31,4 +34,5 @@ PYBIND11_MODULE(_C, module) {
 #endif
     return info;
   });
+  module.def("release_cached_gradients", &distillm::skew_kl_impl::release_cached_gradients);
 }

@@ -2,8 +2,9 @@
 
 from ._load import build_info
 from .losses import LOSSES, make_loss
-from .ops import skew_kl
+from .ops import release_cached_gradients, skew_kl
 from .replay import ReplayBuffer
 from .schedule import AdaptiveSGOScheduler
 
-__all__ = ["LOSSES", "AdaptiveSGOScheduler", "ReplayBuffer", "build_info", "make_loss", "skew_kl"]
+__all__ = ["LOSSES", "AdaptiveSGOScheduler", "ReplayBuffer", "build_info", "make_loss",
+           "release_cached_gradients", "skew_kl"]

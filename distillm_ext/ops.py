@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import _load  # noqa: F401  (loads distillm_ext._C, which registers the ops)
+from ._load import _C  # loading distillm_ext._C registers the ops
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -46,3 +46,14 @@ def skew_kl(
     return torch.ops.distillm.skew_kl(
         student_logits, teacher_logits, labels, alpha=alpha, reverse=reverse,
         temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+
+
+def release_cached_gradients() -> int:
+    """Frees the memory skew_kl keeps for reuse, and returns how many bytes that was.
+
+    On CPU the op keeps up to two freed gradients (the size of the student logits) and writes
+    the next gradient into one of them: faulting in fresh pages cost about half of a forward +
+    backward (benchmarks/RESULTS.md). Like torch.cuda.empty_cache(), call this to give that
+    memory back when no more losses will be computed for a while.
+    """
+    return _C.release_cached_gradients()

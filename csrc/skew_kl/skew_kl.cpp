@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_gradient_cache.h"
 #include "skew_kl_cpu.h"
 
 #ifdef DISTILLM_WITH_CUDA
@@ -122,8 +123,9 @@ std::vector<c10::SymInt> leading_shape(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, bool compute_grad) {
   at::Tensor row_loss = at::empty_symint(leading_shape(student), student.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty_symint(student.sym_sizes(), student.options())
-                                 : at::empty({0}, student.options());
+  at::Tensor grad = !compute_grad             ? at::empty({0}, student.options())
+                    : student.device().is_cpu() ? empty_cpu_gradient(student.sizes(), student.scalar_type())
+                                                : at::empty_symint(student.sym_sizes(), student.options());
   return {row_loss, grad};
 }
 

@@ -7,8 +7,8 @@ peak memory, SKL and SRKL, float32 and bfloat16, CPU always and CUDA when presen
 
 Peak memory is measured above the inputs, with the fused op's CPU gradient cache emptied
 first, so it is what a first call needs. Times are of later calls, which reuse the cached
-gradient as every training step after the first does. GPU rows of the full mode also report the bandwidth
-against the bytes-moved floor: read both logits once, write the gradient once.
+gradient as every training step after the first does. GPU rows of the full mode also report
+the bandwidth against the bytes-moved floor: read both logits once, write the gradient once.
 """
 
 import argparse

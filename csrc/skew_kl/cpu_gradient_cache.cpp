@@ -2,9 +2,7 @@
 
 #include <c10/core/impl/alloc_cpu.h>
 
-#include <algorithm>
 #include <mutex>
-#include <utility>
 #include <vector>
 
 namespace distillm::skew_kl_impl {

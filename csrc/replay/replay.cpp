@@ -12,6 +12,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "no_kernel.h"
 #include "replay_cpu.h"
 
 #ifdef DISTILLM_WITH_CUDA
@@ -69,11 +70,6 @@ at::Tensor as_index_tensor(const at::Tensor& t, const char* op, const char* name
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 
-[[noreturn]] void no_kernel(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(false, op, ": no kernel for device ", t.device(),
-              " in this build (distillm_ext.build_info() tells what was built)");
-}
-
 // -- push -------------------------------------------------------------------------------------
 
 void push_impl(at::Tensor& tokens, at::Tensor& meta, at::Tensor& priorities, at::Tensor& cursor,
@@ -124,7 +120,7 @@ void push_impl(at::Tensor& tokens, at::Tensor& meta, at::Tensor& priorities, at:
     return;
   }
 #endif
-  no_kernel(op, tokens);
+  no_kernel(op, tokens.device());
 }
 
 void push_kernel(at::Tensor& tokens, at::Tensor& meta, at::Tensor& priorities, at::Tensor& cursor,
@@ -178,7 +174,7 @@ Batch gather_impl(const at::Tensor& tokens, const at::Tensor& meta, const at::Te
     return {input_ids, attention_mask, labels};
   }
 #endif
-  no_kernel("replay_gather", tokens);
+  no_kernel("replay_gather", tokens.device());
 }
 
 Batch gather_op(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& indices, int64_t pad_token_id,
@@ -249,7 +245,7 @@ at::Tensor draw_slots(const at::Tensor& priorities, const at::Tensor& cursor, in
     return std::get<1>(at::topk(keys, k, /*dim=*/0, /*largest=*/true, /*sorted=*/true));
   }
 #endif
-  no_kernel("replay_sample", priorities);
+  no_kernel("replay_sample", priorities.device());
 }
 
 Sample sample_kernel(const at::Tensor& tokens, const at::Tensor& meta, const at::Tensor& priorities,

@@ -11,11 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define DISTILLM_HD __host__ __device__ __forceinline__
-#else
-#define DISTILLM_HD inline
-#endif
+#include "host_device.h"
 
 namespace distillm::replay_impl {
 

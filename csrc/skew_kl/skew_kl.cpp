@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_gradient_cache.h"
+#include "no_kernel.h"
 #include "skew_kl_cpu.h"
 
 #ifdef DISTILLM_WITH_CUDA
@@ -169,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
     return {row_loss, grad};
   }
 #endif
-  TORCH_CHECK(false, "skew_kl: no kernel for device ", student.device(),
-              " in this build (distillm_ext.build_info() tells what was built)");
+  no_kernel("skew_kl", student.device());
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& student, const at::Tensor& teacher,

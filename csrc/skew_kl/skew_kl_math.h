@@ -15,11 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define DISTILLM_HD __host__ __device__ __forceinline__
-#else
-#define DISTILLM_HD inline
-#endif
+#include "host_device.h"
 
 namespace distillm::skew_kl_impl {
 

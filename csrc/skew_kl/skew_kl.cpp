@@ -69,7 +69,6 @@ Constants make_constants(double alpha, double temperature) {
   c.alpha = static_cast<float>(alpha);
   c.odds = static_cast<float>((1.0 - alpha) / alpha);  // inf at alpha == 0, where it is unused
   c.neg_log_alpha = static_cast<float>(-std::log(alpha));
-  c.one_minus_log_alpha = static_cast<float>(1.0 - std::log(alpha));
   c.inv_temperature = static_cast<float>(1.0 / temperature);
   return c;
 }

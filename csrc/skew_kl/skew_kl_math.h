@@ -26,7 +26,6 @@ struct Constants {
   float alpha;              // weight of the first distribution inside the mixture
   float odds;               // (1 - alpha) / alpha: m / f = alpha (1 + odds * s / f)
   float neg_log_alpha;      // -log(alpha), rounded once from double
-  float one_minus_log_alpha;  // 1 - log(alpha), rounded once from double
   float inv_temperature;
 };
 
@@ -108,7 +107,8 @@ DISTILLM_HD float log1p_nonnegative(float y) {
 struct EntryTerms {
   float term;       // f (log f - log m), the entry's share of the loss
   float q_times_g;  // q_v g_v, the entry's share of G = sum_v q_v g_v
-  float g;          // g_v = dloss/dq_v (SRKL only: for SKL it overflows where q underflows)
+  float g;          // g_v = dloss/dq_v less a constant of the row, which q_k (g_k - G) does
+                    // not see (SRKL only: for SKL it overflows where q underflows)
 };
 
 // One vocabulary entry. `log_q_over_p` = log q - log p, which the schedules form as
@@ -132,18 +132,27 @@ DISTILLM_HD EntryTerms entry_terms(float log_q_over_p, float q, float p, bool in
     alpha_f_over_m = 1.0f / (1.0f + y);
     one_minus_alpha_s_over_m = y * alpha_f_over_m;
     log_f_over_m = c.neg_log_alpha - log1p_y;
-    g = (c.one_minus_log_alpha - log1p_y) - alpha_f_over_m;  // 1 - log(alpha) rounded once
+    // SRKL: g = 1 - log(alpha) - log1p(y) - 1 / (1 + y) = -log(alpha) + (y / (1 + y) - log1p(y)).
+    // Only the last part is kept: where q is large, g_k - G keeps just a few digits of g, so
+    // g must not carry the constant's rounding (1 ulp of 1 - log(alpha) >= 1): y / (1 + y) -
+    // log1p(y) is ~ -y^2 / 2, exact to ~3 ulp of y, where s << f.
+    g = one_minus_alpha_s_over_m - log1p_y;
   } else {  // alpha = 0: m = s
     log_f_over_m = kReverse ? log_q_over_p : -log_q_over_p;
     alpha_f_over_m = 0.0f;
     one_minus_alpha_s_over_m = 1.0f;
-    g = log_f_over_m + 1.0f;
+    g = log_f_over_m;  // SRKL: g = log(q / p) + 1, less the constant, as above
   }
-  // SKL:  q g = q * (-(1 - alpha) p / m) = -f (1 - alpha) s / m
-  // SRKL: g = log(q / m) + 1 - alpha q / m, and q g = f g
-  const float qg = kReverse ? f * g : -f * one_minus_alpha_s_over_m;
   const bool dropped = input_is_masked || f == 0.0f;
-  return {dropped ? 0.0f : f * log_f_over_m, dropped ? 0.0f : qg, dropped ? 0.0f : g};
+  if (kReverse) {
+    // A dropped entry's g is 0, so less the constant it is -constant; its q g still enters
+    // G, which must lose the same constant times sum q.
+    const float shifted_g = dropped ? (kMixed ? -c.neg_log_alpha : -1.0f) : g;
+    return {dropped ? 0.0f : f * log_f_over_m, f * shifted_g, shifted_g};
+  }
+  // SKL: q g = q * (-(1 - alpha) p / m) = -f (1 - alpha) s / m
+  const float qg = -f * one_minus_alpha_s_over_m;
+  return {dropped ? 0.0f : f * log_f_over_m, dropped ? 0.0f : qg, 0.0f};
 }
 
 // G = sum_v q_v g_v as an unevaluated sum hi + lo of two floats: near the mode of a sharp q,

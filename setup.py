@@ -66,6 +66,7 @@ def extension():
     cxx_flags = [*opt, "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast", "-Wall",
                  "-Wno-unknown-pragmas"]
     sources = [
+        "csrc/cpu_capability.cpp",
         "csrc/ops.cpp",
         "csrc/python_module.cpp",
         "csrc/skew_kl/cpu_gradient_cache.cpp",

@@ -4,6 +4,11 @@ peak memory, SKL and SRKL, float32 and bfloat16, CPU always and CUDA when presen
 
     python benchmarks/bench_skew_kl.py                 # the shapes of RESULTS.md
     python benchmarks/bench_skew_kl.py --shapes 256x32000 --reps 5
+    python benchmarks/bench_skew_kl.py --cpu-capability avx2     # the fused op's AVX2 copy
+
+--cpu-capability picks the fused op's CPU copy (DISTILLM_CPU_CAPABILITY). The baselines run
+PyTorch's own choice, which ATEN_CPU_CAPABILITY=avx2 (set in the environment) lowers too:
+both together time this machine as an AVX2-only one.
 
 Peak memory is measured above the inputs, with the fused op's CPU gradient cache emptied
 first, so it is what a first call needs. Times are of later calls, which reuse the cached
@@ -12,6 +17,7 @@ the bandwidth against the bytes-moved floor: read both logits once, write the gr
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,8 +86,15 @@ def main():
     parser.add_argument("--losses", nargs="+", default=["skl", "srkl"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cpu-capability", choices=["avx512", "avx2", "default"],
+                        help="the fused op's CPU copy (default: the best this CPU runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_skew_kl.json")
     args = parser.parse_args()
+    if args.cpu_capability:
+        # Read once, at the op's first call, which is still to come.
+        os.environ["DISTILLM_CPU_CAPABILITY"] = args.cpu_capability
+    print(f"fused op CPU copy: {distillm_ext.build_info()['cpu_capability']}, "
+          f"PyTorch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
 
     columns = [("device", "device", "{}"), ("shape", "shape", "{}"), ("dtype", "dtype", "{}"),
                ("loss", "loss", "{}"), ("mode", "mode", "{}"), ("impl", "impl", "{}"),

@@ -2,9 +2,11 @@
 // initializers of the linked kernels); it also reports how it was built and releases the
 // CPU gradient cache.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <torch/version.h>
 
+#include "cpu_capability.h"
 #include "skew_kl/cpu_gradient_cache.h"
 
 #ifndef DISTILLM_CUDA_ARCHS
@@ -26,6 +28,8 @@ PYBIND11_MODULE(_C, module) {
 #endif
     info["cuda_archs"] = DISTILLM_CUDA_ARCHS;
     info["torch_version"] = TORCH_VERSION;
+    info["cpu_capability"] = distillm::cpu_capability_name(distillm::cpu_capability());
+    info["cpu_capabilities"] = distillm::supported_cpu_capabilities();
     info["debug"] =
 #ifdef DISTILLM_DEBUG
         true;

@@ -14,5 +14,10 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
 
 
 def build_info() -> dict:
-    """How the loaded extension was built: {'cuda', 'cuda_version', 'cuda_archs', 'torch_version', 'debug'}."""
+    """How the loaded extension was built, and which CPU code path it runs.
+
+    Keys: 'cuda', 'cuda_version', 'cuda_archs', 'torch_version', 'debug'; 'cpu_capability', the
+    CPU kernels' instruction set ('avx512', 'avx2' or 'default': the best this CPU runs, or
+    the one DISTILLM_CPU_CAPABILITY names), and 'cpu_capabilities', every one this CPU and
+    build can run, best first."""
     return dict(_C.build_info())

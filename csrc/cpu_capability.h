@@ -12,8 +12,9 @@
 #include <string>
 #include <vector>
 
-// GCC on x86-64: the kernels get one copy per level (`#pragma GCC target` regions).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12+ on x86-64: the kernels get one copy per level (`#pragma GCC target` regions;
+// __builtin_cpu_supports knows the level names from GCC 12 on).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define DISTILLM_CPU_LEVELS 1
 #else
 #define DISTILLM_CPU_LEVELS 0

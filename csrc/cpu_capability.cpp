@@ -12,6 +12,9 @@ constexpr CpuCapability kBestFirst[] = {CpuCapability::kAvx512, CpuCapability::k
                                         CpuCapability::kDefault};
 
 bool cpu_can_run(CpuCapability capability) {
+#if DISTILLM_CPU_LEVELS
+  __builtin_cpu_init();  // idempotent; needed if this runs before libgcc's own constructor
+#endif
   switch (capability) {
     case CpuCapability::kDefault: return true;
 #if DISTILLM_CPU_LEVELS

@@ -10,12 +10,13 @@ TORCH_LIBRARY(distillm, m) {
       "skew_kl(Tensor student_logits, Tensor teacher_logits, Tensor? labels=None, *, "
       "float alpha=0.1, bool reverse=False, float temperature=1.0, int ignore_index=-100, "
       "str reduction=\"mean\") -> Tensor");
-  // Per-position loss (float32, leading shape) and, if compute_grad, d(loss_row)/d(student) in
-  // the student's dtype and shape (an empty tensor otherwise). The building block of skew_kl.
+  // Per-position loss (float32, leading shape) and, if compute_grad, grad_scale times
+  // d(loss_row)/d(student) in the student's dtype and shape (an empty tensor otherwise). The
+  // building block of skew_kl.
   m.def(
       "_skew_kl_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
-      "float alpha, bool reverse, float temperature, int ignore_index, bool compute_grad) "
-      "-> (Tensor row_loss, Tensor grad)");
+      "float alpha, bool reverse, float temperature, int ignore_index, bool compute_grad, "
+      "float grad_scale=1.0) -> (Tensor row_loss, Tensor grad)");
 
   // Replay buffer of student-generated sequences (csrc/replay/replay_math.h has the layout).
   // No keyword-only arguments: they cost microseconds per call to parse, the ops' whole budget.

@@ -70,6 +70,19 @@ def test_matches_float64_reference(device, reverse, alpha, temperature, reductio
     assert (grad[ignored] == 0).all(), "ignored positions must get exactly zero gradient"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_backward_of_a_scalar_loss(device, reduction):
+    """`loss.backward()`, an incoming gradient of exactly 1: on CPU the kernel writes the mean's
+    1/count itself and the backward leaves the gradient as it is; the result must not change."""
+    student, teacher = make_inputs((4, 6, 333), device)
+    labels = make_labels((4, 6), device)
+    fused_student = student.clone().requires_grad_()
+    distillm_ext.skew_kl(fused_student, teacher, labels, reverse=True, reduction=reduction).backward()
+    reference_student = student.double().requires_grad_()
+    skew_kl_reference(reference_student, teacher.double(), labels, reverse=True, reduction=reduction).backward()
+    assert_close_to_reference(fused_student.grad, reference_student.grad, rtol=1e-5)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.9])
 def test_neg_inf_columns_are_dropped(device, reverse, alpha):

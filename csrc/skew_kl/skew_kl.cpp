@@ -70,6 +70,7 @@ Constants make_constants(double alpha, double temperature) {
   c.odds = static_cast<float>((1.0 - alpha) / alpha);  // inf at alpha == 0, where it is unused
   c.neg_log_alpha = static_cast<float>(-std::log(alpha));
   c.inv_temperature = static_cast<float>(1.0 / temperature);
+  c.max_y = 1e30f;
   return c;
 }
 
@@ -132,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, b
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const at::Tensor& teacher,
                                                 const std::optional<at::Tensor>& labels, double alpha,
                                                 bool reverse, double temperature, int64_t ignore_index,
-                                                bool compute_grad) {
+                                                bool compute_grad, double grad_scale) {
   check_inputs(student, teacher, labels, alpha, temperature);
   auto [row_loss, grad] = allocate_outputs(student, compute_grad);
   const int64_t vocab = student.size(-1);
@@ -155,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   prm.row_loss = row_loss.data_ptr<float>();
   prm.grad = compute_grad ? grad.data_ptr() : nullptr;
   prm.constants = make_constants(alpha, temperature);
+  prm.grad_scale = static_cast<float>(grad_scale / temperature);  // d/dz carries 1/tau
   prm.reverse = reverse;
 
   if (student.is_cpu()) {
@@ -175,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& student, const at::Tensor& teacher,
                                                 const std::optional<at::Tensor>& labels, double alpha,
                                                 bool /*reverse*/, double temperature,
-                                                int64_t /*ignore_index*/, bool compute_grad) {
+                                                int64_t /*ignore_index*/, bool compute_grad,
+                                                double /*grad_scale*/) {
   check_inputs(student, teacher, labels, alpha, temperature);
   return allocate_outputs(student, compute_grad);
 }

@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
       write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
         float q, p;
         const EntryTerms e = terms(zv, uv, q, p);
-        return entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * inv_tau;
+        return entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * prm.grad_scale;
       });
     }
   }

@@ -11,6 +11,7 @@ Environment:
 
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).parent.resolve()
@@ -55,6 +56,12 @@ def pip_cuda_include_dirs() -> list[str]:
     return found
 
 
+def library_sources() -> list[str]:
+    """csrc/sources.txt, the one list of the operator library's sources (CMake reads it too)."""
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def extension():
     debug = env_flag("DEBUG")
     with_cuda = want_cuda()
@@ -65,17 +72,8 @@ def extension():
     # compiled with OpenMP (torch's CPU build uses OpenMP).
     cxx_flags = [*opt, "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast", "-Wall",
                  "-Wno-unknown-pragmas"]
-    sources = [
-        "csrc/cpu_capability.cpp",
-        "csrc/ops.cpp",
-        "csrc/python_module.cpp",
-        "csrc/skew_kl/cpu_gradient_cache.cpp",
-        "csrc/skew_kl/skew_kl.cpp",
-        "csrc/skew_kl/skew_kl_autograd.cpp",
-        "csrc/skew_kl/skew_kl_cpu.cpp",
-        "csrc/replay/replay.cpp",
-        "csrc/replay/replay_cpu.cpp",
-    ]
+    listed = library_sources()
+    sources = [s for s in listed if not s.endswith(".cu")] + ["csrc/python_module.cpp"]
     macros = [("DISTILLM_DEBUG", None)] if debug else []
     include_dirs = [str(ROOT / "csrc")]
     if not with_cuda:
@@ -90,12 +88,19 @@ def extension():
     ]
     nvcc_flags = [*opt, "-lineinfo"]
     return cpp_extension.CUDAExtension(
-        "distillm_ext._C", sources + ["csrc/skew_kl/skew_kl_cuda.cu", "csrc/replay/replay_cuda.cu"],
+        "distillm_ext._C", sources + [s for s in listed if s.endswith(".cu")],
         include_dirs=include_dirs + pip_cuda_include_dirs(), define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+class BuildExtensionInTree(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Compiles in build/ of the source tree, also for editable installs, which would otherwise
+    compile in a fresh temporary directory every time: ninja then rebuilds only what changed,
+    and re-running the set-up on an unchanged tree takes seconds, not minutes."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtensionInTree})

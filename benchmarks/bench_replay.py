@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, print_table, time_ms, write_json  # noqa: E402
 
 from distillm_ext import ReplayBuffer  # noqa: E402
-from distillm_ext.data import IGNORE_INDEX  # noqa: E402
+from distillm_ext.ops import IGNORE_INDEX  # noqa: E402
 
 
 class DequeReplay:

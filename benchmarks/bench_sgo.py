@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, print_table, write_json  # noqa: E402
 
-from distillm_ext.data import builtin_data_files  # noqa: E402
+from distillm_ext.recipe.data import builtin_data_files  # noqa: E402
+from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 
 MODES = ("off", "on_policy", "adaptive")
 
@@ -48,11 +49,11 @@ def train(mode: str, seed: int, args, train_file: Path, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:  # the trainer's own log and progress bar
-        done = subprocess.run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides], stdout=log, stderr=log)
+        done = subprocess.run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", *overrides], stdout=log, stderr=log)
     if done.returncode != 0:
         sys.exit(f"distillm train ({mode}, seed {seed}) failed; see {run_dir.with_suffix('.log')}")
     total_s = time.perf_counter() - started
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     steps = [r for r in records if r["kind"] == "train"]
     summary = json.loads((run_dir / "summary.json").read_text())
     sources = {kind: sum(r.get("sources", {"dataset": 1}).get(kind, 0) for r in steps)

@@ -10,12 +10,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import skew_kl
-from .reference import tvd_reference
+from .ops import IGNORE_INDEX, REDUCTIONS, skew_kl
 
 
 class _DistillationLoss(nn.Module):
-    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
         super().__init__()
         self.temperature = temperature
         self.ignore_index = ignore_index
@@ -84,10 +83,25 @@ class GeneralizedJSD(_DistillationLoss):
 
 
 class TotalVariation(_DistillationLoss):
-    """0.5 sum_v |p_v - q_v| per position. Plain PyTorch (no fused kernel yet), float32 math."""
+    """0.5 sum_v |p_v - q_v| per position; entries with a -inf logit count 0. Plain PyTorch
+    (no fused kernel yet), float32 math."""
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        return tvd_reference(student_logits, teacher_logits, labels, **self._common())
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"tvd: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        q = torch.softmax(student_logits.float() / self.temperature, dim=-1)
+        p = torch.softmax(teacher_logits.float() / self.temperature, dim=-1)
+        kept = ~(torch.isneginf(student_logits) | torch.isneginf(teacher_logits))
+        per_position = 0.5 * ((p - q).abs() * kept).sum(-1)
+        if labels is None:
+            valid = torch.ones_like(per_position)
+        else:
+            valid = (labels != self.ignore_index).to(per_position.dtype)
+        per_position = per_position * valid
+        if self.reduction == "none":
+            return per_position
+        total = per_position.sum()
+        return total / valid.sum().clamp_min(1) if self.reduction == "mean" else total
 
 
 LOSSES = {

@@ -12,6 +12,8 @@ import torch
 from ._load import _C  # loading distillm_ext._C registers the ops
 
 REDUCTIONS = ("mean", "sum", "none")
+# The label of a position that no loss counts (prompt, padding): Hugging Face's convention.
+IGNORE_INDEX = -100
 
 
 def skew_kl(

@@ -17,7 +17,7 @@ from typing import Union
 import torch
 
 from . import _load  # noqa: F401  (registers torch.ops.distillm.*)
-from .data import IGNORE_INDEX
+from .ops import IGNORE_INDEX
 
 Device = Union[str, torch.device]
 _push = torch.ops.distillm.replay_push.default

@@ -17,11 +17,3 @@ def assert_close_to_reference(actual, expected, rtol, min_scale=1e-30):
     expected = expected.double().cpu()
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, min_scale))
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Paths of a tiny random teacher/student and tiny JSONL data (see tiny_models.py)."""
-    from tiny_models import build
-
-    return build(tmp_path_factory.mktemp("tiny"))

@@ -8,7 +8,7 @@ Only a word's most frequent sense is used, only words seen in WordNet's sense-ta
 hash of (lemma, part of speech), so rebuilding gives the same files.
 
     apt-get install wordnet-base
-    python scripts/build_wordnet_data.py [--wordnet /usr/share/wordnet] [--out distillm_ext/data]
+    python scripts/build_wordnet_data.py [--wordnet /usr/share/wordnet] [--out distillm_ext/recipe/data]
 """
 
 import argparse
@@ -83,7 +83,7 @@ def write(splits: dict, out: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "distillm_ext" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "distillm_ext" / "recipe" / "data")
     args = parser.parse_args()
     if not (args.wordnet / "data.noun").exists():
         raise SystemExit(f"no WordNet database in {args.wordnet}: apt-get install wordnet-base")

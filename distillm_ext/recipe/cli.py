@@ -1,6 +1,6 @@
 """The `distillm` command: `distillm train` distills, `distillm eval` scores a model.
 
-Multi-process: `torchrun --nproc_per_node N -m distillm_ext.cli train ...`.
+Multi-process: `torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ...`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from .config import ConfigError, describe_options, load_config
@@ -18,7 +20,7 @@ examples:
   distillm train                                   # the built-in default (SmolLM2-135M -> 12 layers, WordNet)
   distillm train loss.type=srkl train.max_steps=20 output.dir=runs/srkl
   distillm train --config my_run.yaml --resume
-  torchrun --nproc_per_node 2 -m distillm_ext.cli train train.batch_size=16
+  torchrun --nproc_per_node 2 -m distillm_ext.recipe.cli train train.batch_size=16
 """
 
 
@@ -87,7 +89,31 @@ def run_eval(args, config) -> dict:
     return result
 
 
+def missing_train_requirements() -> list:
+    """The distributions of the `[train]` extra (pyproject.toml) that are not installed."""
+    try:
+        requirements = metadata.requires("distillm_ext") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return []
+    missing = []
+    for requirement in requirements:
+        if not re.search(r"""extra\s*==\s*["']train["']""", requirement):
+            continue
+        name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def main(argv=None) -> int:
+    missing = missing_train_requirements()
+    if missing:
+        print(f"distillm: the trainer needs the [train] extra, and {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'distillm_ext[train]'",
+              file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx"):

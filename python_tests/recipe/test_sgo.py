@@ -10,11 +10,11 @@ from test_trainer import KILL_AT_STEP_5, _run, final_weights, train, train_recor
 from tiny_models import overrides
 
 from distillm_ext import ReplayBuffer
-from distillm_ext.config import ConfigError, load_config
-from distillm_ext.data import EncodedExample, collate_for_training, collate_prompts
-from distillm_ext.evaluate import EvalResult
-from distillm_ext.sgo import pack_generated
-from distillm_ext.trainer import Trainer
+from distillm_ext.recipe.config import ConfigError, load_config
+from distillm_ext.recipe.data import EncodedExample, collate_for_training, collate_prompts
+from distillm_ext.recipe.evaluate import EvalResult
+from distillm_ext.recipe.sgo import pack_generated
+from distillm_ext.recipe.trainer import Trainer
 
 EOS, PAD = 2, 0
 
@@ -126,10 +126,10 @@ def test_sigkill_then_resume_restores_buffer_and_scheduler(tiny, tmp_path):
     common = dict(train__max_steps=8, output__checkpoint_interval=2, output__keep_checkpoints=3,
                   sgo__mode="adaptive", sgo__init_threshold=0.7, sgo__buffer_size=8, eval__interval=3)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides(tiny, straight, **common)])
+    _run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", *overrides(tiny, straight, **common)])
     died = _run([sys.executable, "-c", KILL_AT_STEP_5, *overrides(tiny, killed, **common)], check=False)
     assert died.returncode == -9, died.stderr
-    _run([sys.executable, "-m", "distillm_ext.cli", "train", "--resume", *overrides(tiny, killed, **common)])
+    _run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", "--resume", *overrides(tiny, killed, **common)])
     sources = sources_per_step(straight)
     assert {"generate", "replay"} <= set(sources[4:])  # the resumed part used the restored buffer
     assert sources_per_step(killed) == sources
@@ -142,7 +142,7 @@ def test_sigkill_then_resume_restores_buffer_and_scheduler(tiny, tmp_path):
 def test_two_processes_take_the_same_kind_of_step(tiny, tmp_path):
     run = tmp_path / "ddp"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "distillm_ext.cli", "train",
+          "-m", "distillm_ext.recipe.cli", "train",
           *overrides(tiny, run, sgo__mode="adaptive", sgo__init_threshold=0.6, sgo__buffer_size=8,
                      train__max_steps=6, output__checkpoint_interval=3)])
     records = train_records(run)

@@ -2,19 +2,46 @@
 micro-batches; the dataset is one source, and the off-policy sources (replayed and freshly
 generated student outputs) plug in beside it.
 
-Every source's `next_batch(step)` returns, for this rank, a list of `grad_accum` micro-batches,
-each a dict of (b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention,
--100 on prompt and padding); `name` says where the latest came from. state_dict() saves the
-position, so that --resume continues with exactly the batch an uninterrupted run would have
-seen. sgo.SGOBatches is the other source.
+Every source implements BatchSource, and the trainer knows no other kind: it never asks which
+source it has. sgo.SGOBatches is the other source.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Protocol
 
 import torch
 
 from .config import ConfigError
 from .data import EncodedExample, collate_for_training
+
+
+class BatchSource(Protocol):
+    """What the trainer asks of a batch source."""
+
+    name: str  # where the latest batch came from, for metrics.jsonl
+    epoch: int
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    def next_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of one optimizer step (`grad_accum` of them), each a dict of
+        (b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention,
+        -100 on prompt and padding)."""
+
+    def on_validation(self, val_loss: float) -> Optional[str]:
+        """Hears a validation loss; returns what that changed, for the log, or None."""
+
+    def take_stats(self) -> dict:
+        """Metrics since the last call, merged into the next metrics.jsonl line ("time" holds
+        seconds by section)."""
+
+    def state_dict(self) -> dict:
+        """The position, so that --resume continues with exactly the batch an uninterrupted run
+        would have seen."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class DatasetBatches:
@@ -63,6 +90,12 @@ class DatasetBatches:
 
     def next_batch(self, step: int = 0) -> list[dict[str, torch.Tensor]]:
         return [collate_for_training(examples, self.pad_id) for examples in self.next_examples()]
+
+    def on_validation(self, val_loss: float) -> Optional[str]:
+        return None
+
+    def take_stats(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

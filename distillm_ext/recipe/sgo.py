@@ -15,7 +15,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from transformers import GenerationConfig
@@ -23,8 +23,8 @@ from transformers import GenerationConfig
 from .batches import DatasetBatches
 from .config import SGOConfig
 from .data import collate_for_training, collate_prompts
-from .replay import ReplayBuffer
-from .schedule import AdaptiveSGOScheduler
+from ..replay import ReplayBuffer
+from ..schedule import AdaptiveSGOScheduler
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -131,13 +131,15 @@ class SGOBatches:
     def _training_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: batch[key] for key in BATCH_KEYS}
 
-    def on_validation(self, val_loss: float) -> bool:
-        """Feeds a validation loss to the adaptive schedule; True when φ rose."""
-        return self.scheduler.update(val_loss) if self.scheduler else False
+    def on_validation(self, val_loss: float) -> Optional[str]:
+        """Feeds a validation loss to the adaptive schedule; says so when φ rose."""
+        if self.scheduler and self.scheduler.update(val_loss):
+            return f"validation loss rose: phi is now {self.phi:.2f}"
+        return None
 
     def take_stats(self) -> dict:
         """Steps per source and generation seconds since the last call, plus φ and buffer size."""
-        stats = {"sources": dict(self._interval), "generation_s": round(self._generation_s, 4),
+        stats = {"sources": dict(self._interval), "time": {"generate": round(self._generation_s, 4)},
                  "phi": self.phi, "buffer_size": len(self.buffer)}
         self._interval, self._generation_s = Counter(), 0.0
         return stats

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distillm_ext.data import BUILTIN_DATA_DIR, builtin_data_files
+from distillm_ext.recipe.data import BUILTIN_DATA_DIR, builtin_data_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_WORDNET = Path("/usr/share/wordnet")
 
 

@@ -7,9 +7,9 @@ import pytest
 from tiny_models import examples, make_model, make_tokenizer, overrides, write_jsonl
 from transformers import ViTConfig
 
-from distillm_ext.cli import main
-from distillm_ext.config import ConfigError, load_config
-from distillm_ext.trainer import Trainer
+from distillm_ext.recipe.cli import main
+from distillm_ext.recipe.config import ConfigError, load_config
+from distillm_ext.recipe.trainer import Trainer
 
 
 def build_trainer(tiny, tmp_path, **extra):
@@ -132,3 +132,14 @@ def test_cli_eval_scores_a_model(tiny, tmp_path, capsys):
 def test_batch_larger_than_the_data(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size=64 is larger than the 32 training examples"):
         build_trainer(tiny, tmp_path, train__batch_size=64)
+
+
+def test_distillm_without_the_train_extra_says_what_to_install(monkeypatch, capsys):
+    from distillm_ext.recipe import cli
+
+    requirements = ["torch>=2.4", 'pytest; extra == "test"', 'surely-not-installed-xyz>=1; extra == "train"']
+    monkeypatch.setattr(cli.metadata, "requires", lambda name: requirements)
+    assert main(["train"]) == 2
+    message = capsys.readouterr().err
+    assert "surely-not-installed-xyz" in message and "pip install 'distillm_ext[train]'" in message
+    assert "pytest" not in message

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import overrides
 
-from distillm_ext.config import load_config
+from distillm_ext.recipe.config import load_config
+from distillm_ext.recipe.metrics import read_metrics
 from distillm_ext.losses import LOSSES
-from distillm_ext.trainer import NonFiniteLossError, Trainer, lr_factor
+from distillm_ext.recipe.trainer import NonFiniteLossError, Trainer, lr_factor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def train(args, **kwargs) -> dict:
@@ -24,8 +25,7 @@ def train(args, **kwargs) -> dict:
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
 def final_weights(run_dir: Path, step: int) -> dict:
@@ -75,8 +75,8 @@ def _run(args, env_extra=None, check=True):
 
 KILL_AT_STEP_5 = """
 import os, signal, sys
-from distillm_ext.config import load_config
-from distillm_ext.trainer import Trainer
+from distillm_ext.recipe.config import load_config
+from distillm_ext.recipe.trainer import Trainer
 
 def kill(trainer, step):
     if step == 5:
@@ -89,11 +89,11 @@ Trainer(load_config(None, sys.argv[1:]), callbacks=(kill,)).fit()
 def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
     common = dict(train__max_steps=8, output__checkpoint_interval=2, output__keep_checkpoints=3)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides(tiny, straight, **common)])
+    _run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", *overrides(tiny, straight, **common)])
     died = _run([sys.executable, "-c", KILL_AT_STEP_5, *overrides(tiny, killed, **common)], check=False)
     assert died.returncode == -9, died.stderr
     assert (killed / "checkpoints" / "step-000004").is_dir() and not (killed / "checkpoints" / "step-000006").exists()
-    _run([sys.executable, "-m", "distillm_ext.cli", "train", "--resume", *overrides(tiny, killed, **common)])
+    _run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", "--resume", *overrides(tiny, killed, **common)])
     expected, actual = final_weights(straight, 8), final_weights(killed, 8)
     assert [r["step"] for r in train_records(killed)] == list(range(1, 9))  # step 5 logged once
     assert [r["loss"] for r in train_records(killed)] == [r["loss"] for r in train_records(straight)]
@@ -105,9 +105,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
 def test_two_processes_match_one(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(train__max_steps=4, train__grad_accum=2)
-    _run([sys.executable, "-m", "distillm_ext.cli", "train", *overrides(tiny, one, **common)])
+    _run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", *overrides(tiny, one, **common)])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "distillm_ext.cli", "train", *overrides(tiny, two, **common)])
+          "-m", "distillm_ext.recipe.cli", "train", *overrides(tiny, two, **common)])
     expected, actual = final_weights(one, 4), final_weights(two, 4)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 import torch
 from tiny_models import TEMPLATE, make_tokenizer
 
-from distillm_ext.data import Example, collate_for_training, collate_prompts, encode_examples
+from distillm_ext.recipe.data import Example, collate_for_training, collate_prompts, encode_examples
 
 
 def test_labels_mask_prompt_and_padding_and_keep_eos():
@@ -46,7 +46,7 @@ def test_datasets_folder_arrow_file_and_gzipped_jsonl_load_the_same_examples(tmp
 
     import datasets
 
-    from distillm_ext.data import load_examples
+    from distillm_ext.recipe.data import load_examples
 
     rows = [{"prompt": f"define word {i} .", "response": f"gloss {i}"} for i in range(5)]
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from distillm_ext.recipe.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_builtin_default_runs_a_few_steps(tmp_path):
     run = tmp_path / "default"
     result = subprocess.run(
-        [sys.executable, "-m", "distillm_ext.cli", "train", "train.max_steps=3", "eval.num_examples=8",
+        [sys.executable, "-m", "distillm_ext.recipe.cli", "train", "train.max_steps=3", "eval.num_examples=8",
          "eval.max_new_tokens=8", f"output.dir={run}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,12 +35,12 @@ def test_builtin_default_trains_on_student_outputs(tmp_path, mode):
     run = tmp_path / mode
     # adaptive with phi = 1 and a one-batch buffer: generate, then replay or generate.
     result = subprocess.run(
-        [sys.executable, "-m", "distillm_ext.cli", "train", f"sgo.mode={mode}", "sgo.init_threshold=1.0",
+        [sys.executable, "-m", "distillm_ext.recipe.cli", "train", f"sgo.mode={mode}", "sgo.init_threshold=1.0",
          "sgo.buffer_size=8", "train.max_steps=3", "eval.num_examples=8", "eval.max_new_tokens=8",
          "eval.teacher=false", f"output.dir={run}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     sources = [r["source"] for r in records if r["kind"] == "train"]
     assert sources[0] == "generate" and "dataset" not in sources
     assert all(r["kd_loss"] == r["kd_loss"] for r in records if r["kind"] == "train")

@@ -114,6 +114,7 @@ class OutputConfig:
     checkpoint_interval: int = opt(50, "optimizer steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = opt(2, "most recent checkpoints kept")
     plots: bool = opt(True, "write PNG plots of the curves")
+    tensorboard: bool = opt(False, "also log the metrics to TensorBoard, in RUN_DIR/tensorboard")
 
 
 @dataclass
@@ -242,8 +243,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def validate(config: Config) -> None:
     """Checks that values are in range, naming the key; types are already checked."""
-    from .losses import LOSSES
-    from .schedule import REPLAY_RATIOS
+    from ..losses import LOSSES
+    from ..schedule import REPLAY_RATIOS
 
     def require(ok: bool, key: str, expected: str) -> None:
         if not ok:

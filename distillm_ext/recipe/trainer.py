@@ -29,12 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .batches import DatasetBatches
+from .batches import BatchSource, DatasetBatches
 from .config import Config, ConfigError, save_config
 from .data import load_split, pad_token_id
 from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
-from .losses import make_loss
+from .metrics import MetricsLog
+from ..losses import make_loss
 from .models import load_causal_lm, load_student, load_teacher
 from .sgo import SGOBatches
 
@@ -108,9 +109,11 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        self.metrics = None  # the main rank's MetricsLog
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.json")
+            self.metrics = MetricsLog(self.run_dir, tensorboard=config.output.tensorboard)
         seed_everything(config.train.seed)
         self._stop_requested = False
         self._load_models()
@@ -157,7 +160,7 @@ class Trainer:
         dataset = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
                                  pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
         self.total_steps = train.max_steps or train.epochs * dataset.steps_per_epoch
-        self.source = dataset
+        self.source: BatchSource = dataset
         if sgo.mode != "off":
             self.source = SGOBatches(
                 dataset, self.student, sgo, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
@@ -172,10 +175,8 @@ class Trainer:
         self.source.load_state_dict(state["rank"]["source"])
         self.history = state["history"]
         ckpt.set_rng_state(state["rank"]["rng"])
-        if self.runtime.is_main:  # drop what the interrupted run logged after its checkpoint
-            metrics = self.run_dir / "metrics.jsonl"
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        if self.metrics:
+            self.metrics.truncate_after(self.step)
         self._info(f"resumed from {checkpoint} at step {self.step}")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -185,9 +186,8 @@ class Trainer:
             log.info(message)
 
     def _write_metrics(self, record: dict) -> None:
-        if self.runtime.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
+        if self.metrics:
+            self.metrics.write(record)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -292,10 +292,9 @@ class Trainer:
             "time": {name: round(seconds, 4) for name, seconds in timer.collect().items()},
             "elapsed_s": elapsed,
         }
-        if isinstance(self.source, SGOBatches):  # sources: steps per kind since the last line
-            stats = self.source.take_stats()
-            record["time"]["generate"] = stats.pop("generation_s")
-            record.update(stats)
+        stats = self.source.take_stats()
+        record["time"].update(stats.pop("time", {}))
+        record.update(stats)
         self._write_metrics(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -346,8 +345,9 @@ class Trainer:
                 started = time.perf_counter()
             if config.eval.interval and self.step % config.eval.interval == 0 and not last:
                 result = self._evaluate_student(f"step {self.step}")
-                if isinstance(self.source, SGOBatches) and self.source.on_validation(result.val_loss):
-                    self._info(f"validation loss rose: phi is now {self.source.phi:.2f}")
+                change = self.source.on_validation(result.val_loss)
+                if change:
+                    self._info(change)
                 self.history["evals"].append({"step": self.step, **result.to_dict()})
                 self._write_metrics({"kind": "eval", "step": self.step, **result.to_dict()})
                 started = time.perf_counter()
@@ -376,6 +376,7 @@ class Trainer:
                 from .plots import plot_run
 
                 plot_run(self.run_dir)
+            self.metrics.close()
         return summary
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from ..ops import IGNORE_INDEX
 from .config import BUILTIN, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "data"
 BUILTIN_SPLITS = ("train", "validation", "test")
-IGNORE_INDEX = -100
 
 
 def builtin_data_files() -> dict:

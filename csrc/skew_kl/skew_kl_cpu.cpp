@@ -2,8 +2,8 @@
 // capability (cpu_capability.h), and the switch that picks the copy this process runs.
 //
 // AVX-512 is worth its copy even where it runs at 256-bit width (AMD Zen 4): the masks replace
-// the blends of the selects, and 32 registers end the spills of the loss-terms loop (1.6 ->
-// 1.0 ns per entry, one core). Copies in `#pragma GCC target` regions, rather than
+// the blends of the selects, and 32 registers end the spills of the loss-terms loop
+// (benchmarks/RESULTS.md has the numbers). Copies in `#pragma GCC target` regions, rather than
 // `target_clones`, let DISTILLM_CPU_CAPABILITY choose one, so every copy is tested on one
 // machine. Only code written inside a region gets its instructions: the torch and math
 // headers are included outside, so no inline function they define is ever emitted with

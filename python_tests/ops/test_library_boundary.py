@@ -21,7 +21,8 @@ distillm_ext.make_loss("srkl")(student, teacher).backward()
 buffer = distillm_ext.ReplayBuffer(capacity=4, max_length=5)
 buffer.push(torch.ones(2, 5, dtype=torch.long), torch.tensor([1, 2]), torch.tensor([5, 4]))
 buffer.sample(2)
-print(json.dumps({"library": library, "loaded": sorted(m for m in sys.modules if m.startswith("distillm_ext"))}))
+print(json.dumps({"library": library, "loaded": sorted(name for name, module in sys.modules.items()
+                     if name.startswith("distillm_ext") and module is not None)}))
 """
 
 

@@ -50,17 +50,24 @@ def test_op_only_install_in_a_torch_only_environment(tmp_path):
     site = tmp_path / "torch_alone"
     site.mkdir()
     link_distributions(["torch", *BUILD_TOOLS], site)
+    # --without-pip: no setuptools or pip of its own either, only what the .pth links; this
+    # interpreter's pip installs into it (--python).
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
     python = str(venv / "bin" / "python")
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     Path(purelib, "torch_alone.pth").write_text(f"{site}\n")
 
-    # --no-index: pip may take nothing from a registry, so the install needs torch alone.
-    install = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
-                              "--no-build-isolation", str(source)],
-                             env=dict(os.environ, DISTILLM_CPU_ONLY="1"), cwd=tmp_path, capture_output=True, text=True)
+    # --no-index, no pip configuration file or PIP_* variables (no find-links): pip may take
+    # nothing from anywhere.
+    # --no-deps: the resolver would also re-check torch's own requirements against the links;
+    # what distillm_ext itself requires is read from its installed metadata below.
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--disable-pip-version-check",
+                              "--no-index", "--no-deps", "--no-build-isolation", str(source)],
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+                                  "DISTILLM_CPU_ONLY": "1", "PIP_CONFIG_FILE": os.devnull},
+                             cwd=tmp_path, capture_output=True, text=True)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
     probe = ("import importlib.util, json, torch, distillm_ext; from importlib import metadata; "

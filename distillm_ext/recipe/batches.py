@@ -30,8 +30,9 @@ class BatchSource(Protocol):
         (b, T) int64 `input_ids`, `attention_mask` and `labels` (Hugging Face convention,
         -100 on prompt and padding)."""
 
-    def on_validation(self, val_loss: float) -> Optional[str]:
-        """Hears a validation loss; returns what that changed, for the log, or None."""
+    def on_validation(self, val_loss: float, before_training: bool = False) -> Optional[str]:
+        """Hears a validation loss (`before_training`: the one measured before the first step);
+        returns what that changed, for the log, or None."""
 
     def take_stats(self) -> dict:
         """Metrics since the last call, merged into the next metrics.jsonl line ("time" holds
@@ -91,7 +92,7 @@ class DatasetBatches:
     def next_batch(self, step: int = 0) -> list[dict[str, torch.Tensor]]:
         return [collate_for_training(examples, self.pad_id) for examples in self.next_examples()]
 
-    def on_validation(self, val_loss: float) -> Optional[str]:
+    def on_validation(self, val_loss: float, before_training: bool = False) -> Optional[str]:
         return None
 
     def take_stats(self) -> dict:

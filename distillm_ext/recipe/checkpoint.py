@@ -1,18 +1,20 @@
-"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, trainer_state.pt, rank*.pt}`.
+"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, checkpoint.json, trainer_state.pt, rank*.pt}`.
 
-A checkpoint is assembled in a temporary directory beside its final place and renamed into it
-only when complete, so a run killed at any moment (SIGKILL included) leaves either the previous
-checkpoint or the new one, never a half-written one. Each rank saves its own state to rank<r>.pt
-(RNG streams, which differ per rank, and what the trainer passes as `rank_state`, such as its
-replay buffer); rank 0 saves the rest.
+A checkpoint is assembled in a temporary directory beside its final place, flushed to disk, and
+renamed into it only when complete; an old one is renamed out of the `step-*` namespace before it
+is deleted. So a run killed at any moment (SIGKILL included) leaves complete checkpoints only, and
+`checkpoints()` lists only complete ones. Each rank saves its own state to rank<r>.pt (RNG streams,
+which differ per rank, and what the trainer passes as `rank_state`, such as its replay buffer);
+rank 0 saves the rest. checkpoint.json holds what readers need without unpickling the trainer
+state (`distillm eval`: the vocabulary size the run was distilled on).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +22,11 @@ import numpy as np
 import torch
 
 from .distributed import barrier, rank
+from .run_directory import remove_leftovers, remove_tree
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
+INFO_FILE = "checkpoint.json"
 
 
 def rng_state() -> dict:
@@ -40,11 +44,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_complete(checkpoint: Path) -> bool:
+    return all((checkpoint / name).is_file() for name in (STATE_FILE, INFO_FILE, "rank0.pt", "model/config.json"))
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = run_dir / "checkpoints"
-    found = [p for p in folder.iterdir() if _NAME.match(p.name)] if folder.is_dir() else []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and is_complete(p)] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def read_info(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / INFO_FILE).read_text())
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's contents, or a directory's entries (which makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file and directory under root, deepest first, then root itself."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)) + [root]:
+        _fsync(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -53,31 +80,34 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, rank_state: dict,
-                    keep: int) -> Path:
+                    info: dict, keep: int) -> Path:
     """Writes checkpoint `step` atomically (all ranks call this); keeps the `keep` newest."""
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
-    staging = folder / f".tmp-step-{step:06d}"
+    staging = folder / f".trash-staging-{step:06d}"  # a leftover of a killed save is deleted as trash
     if rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        remove_leftovers(folder)
         staging.mkdir()
         model.save_pretrained(staging / "model")  # safetensors
         tokenizer.save_pretrained(staging / "model")
         torch.save(trainer_state, staging / STATE_FILE)
+        (staging / INFO_FILE).write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
     barrier()
     torch.save({"rng": rng_state(), **rank_state}, staging / f"rank{rank()}.pt")
     barrier()
     if rank() == 0:
-        for path in staging.iterdir():  # flush file contents before the rename makes them visible
-            if path.is_file():
-                with open(path, "rb+") as file:
-                    os.fsync(file.fileno())
+        _fsync_tree(staging)  # the contents are on disk before the rename makes them visible
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            replaced = final.with_name(f".trash-{final.name}")
+            os.replace(final, replaced)
+            os.replace(staging, final)
+            remove_leftovers(folder)
+        else:
+            os.replace(staging, final)
+        _fsync(folder)
         for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            remove_tree(old)
     barrier()
     return final
 
@@ -86,7 +116,5 @@ def load_trainer_state(checkpoint: Path) -> dict:
     """Rank 0's trainer state, with this rank's own state (rng, ...) under "rank"."""
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     rank_file = checkpoint / f"rank{rank()}.pt"
-    if not rank_file.is_file():
-        raise RuntimeError(f"{checkpoint} has no state for rank {rank()}: resume with the world size it was saved with")
     state["rank"] = torch.load(rank_file, map_location="cpu", weights_only=False)
     return state

@@ -12,6 +12,7 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError, describe_options, load_config
 
@@ -20,6 +21,7 @@ examples:
   distillm train                                   # the built-in default (SmolLM2-135M -> 12 layers, WordNet)
   distillm train loss.type=srkl train.max_steps=20 output.dir=runs/srkl
   distillm train --config my_run.yaml --resume
+  distillm eval --model runs/srkl                  # the run's newest checkpoint, with the run's own settings
   torchrun --nproc_per_node 2 -m distillm_ext.recipe.cli train train.batch_size=16
 """
 
@@ -42,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in output.dir (exactly where it stopped)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in output.dir (without it, that is an error)")
     evaluate = commands.add_parser(
         "eval", help="score a model: validation loss and ROUGE-L", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Scores a model on a data split: cross-entropy on the reference responses and ROUGE-L "
-                    "of generated answers (settings from the eval.* keys).",
+                    "of generated answers (settings from the eval.* keys). For a run directory or one of "
+                    "its checkpoints, the settings start from the run's own config.json, so with no "
+                    "overrides it reproduces the run's numbers.",
         epilog=options)
     evaluate.add_argument("--model", required=True, metavar="PATH",
                           help='"teacher", "student" (the untrained config.student), a run directory '
@@ -56,35 +62,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_directory(path: str) -> str:
-    from .checkpoint import latest_checkpoint
+def find_checkpoint(path: str) -> tuple[Optional[Path], Optional[Path]]:
+    """(checkpoint, its run directory) for a run directory or a checkpoint; (None, None) for a
+    plain model directory."""
+    from .checkpoint import is_complete, latest_checkpoint
 
     directory = Path(path)
-    newest = latest_checkpoint(directory)
-    if newest is not None:  # a run directory
-        directory = newest
-    if (directory / "model" / "config.json").is_file():  # a checkpoint
-        directory = directory / "model"
-    return str(directory)
+    if (directory / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(directory)
+        if checkpoint is None:
+            raise ConfigError(f"--model {path}: the run directory has no complete checkpoint")
+        return checkpoint, directory
+    if is_complete(directory):
+        run_dir = directory.parent.parent
+        return directory, run_dir if (run_dir / "config.json").is_file() else None
+    return None, None
+
+
+def eval_config(args):
+    """The defaults, then the run's own config.json (for a run or a checkpoint), then --config,
+    then the overrides."""
+    files = [args.config] if args.config else []
+    if args.model not in ("teacher", "student"):
+        _, run_dir = find_checkpoint(args.model)
+        if run_dir is not None:
+            files.insert(0, str(run_dir / "config.json"))
+    return load_config(files, args.overrides)
 
 
 def run_eval(args, config) -> dict:
     import torch
 
+    from .checkpoint import read_info
     from .data import load_split
     from .evaluate import evaluate
     from .models import load_causal_lm, load_student, load_teacher
 
-    teacher, tokenizer = load_teacher(config.teacher.path)
-    if args.model == "teacher":
-        model = teacher
-    elif args.model == "student":
-        model = load_student(config.student.path, config.student.keep_layers, teacher, tokenizer)
-    else:
-        model, tokenizer = load_causal_lm(_model_directory(args.model), "--model")
+    if args.model in ("teacher", "student"):
+        model, tokenizer = load_teacher(config.teacher.path)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        if args.model == "student":
+            model = load_student(config.student.path, config.student.keep_layers, model, tokenizer)
+            vocab_size = min(vocab_size, model.get_output_embeddings().weight.shape[0])
+    else:  # the teacher is not needed, nor loaded
+        checkpoint, _ = find_checkpoint(args.model)
+        model, tokenizer = load_causal_lm(str(checkpoint / "model" if checkpoint else args.model), "--model")
+        # A checkpoint knows the vocabulary it was distilled on (the teacher's may be smaller).
+        vocab_size = read_info(checkpoint)["vocab_size"] if checkpoint else model.get_output_embeddings().weight.shape[0]
     examples = load_split(config.data, args.split, tokenizer, config.eval.num_examples)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(model.to(device), tokenizer, examples, config.eval, device).to_dict()
+    result = evaluate(model.to(device), tokenizer, examples, config.eval, device, vocab_size).to_dict()
     result.update(model=args.model, split=args.split)
     return result
 
@@ -119,19 +146,19 @@ def main(argv=None) -> int:
     for noisy in ("transformers", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        config = load_config(args.config, args.overrides)
         if args.command == "train":
-            from .trainer import NonFiniteLossError, Trainer, results_table
+            from .trainer import NonFiniteError, Trainer, results_table
 
+            config = load_config(args.config, args.overrides)
             try:
-                summary = Trainer(config, resume=args.resume).fit()
-            except NonFiniteLossError as error:
+                summary = Trainer(config, resume=args.resume, overwrite=args.overwrite).fit()
+            except NonFiniteError as error:
                 print(f"distillm: error: {error}", file=sys.stderr)
                 return 1
             print(results_table(summary))
             print(f"run directory: {config.output.dir}")
         else:
-            result = run_eval(args, config)
+            result = run_eval(args, eval_config(args))
             print(json.dumps(result, indent=2))
             if args.output:
                 Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any, Optional
 
 BUILTIN = "builtin"
 SGO_MODES = ("off", "on_policy", "adaptive")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def opt(default, help: str):
@@ -75,6 +79,8 @@ class TrainConfig:
     schedule: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant")
     max_grad_norm: float = opt(1.0, "gradient-norm clipping; 0 disables it")
     seed: int = opt(1234, "seed of weights init, data order and sampling")
+    nonfinite: str = opt("stop", "on a non-finite gradient norm: stop (the weights are never updated with it) "
+                                 "or skip (drop that step's update and count it, as mixed-precision loss scaling does)")
     bf16: bool = opt(True, "bf16 autocast and a bf16 teacher (CUDA only)")
 
 
@@ -102,6 +108,8 @@ class SGOConfig:
     n_phi: int = opt(10, "adaptive: phi rises by 1/n_phi at a time")
     replay_ratio: str = opt("decreasing", "adaptive: share of phi spent on fresh generation over time: "
                                           "decreasing, constant or increasing")
+    first_reference: str = opt("before_training", "adaptive: the first validation loss phi compares with: "
+                                                  "before_training (the paper's code) or first_validation")
     temperature: float = opt(1.0, "sampling temperature of student outputs")
     top_p: float = opt(1.0, "nucleus sampling of student outputs (1 = off)")
     top_k: int = opt(0, "top-k sampling of student outputs (0 = off)")
@@ -159,8 +167,9 @@ def _convert(key: str, value: Any, annotation, from_text: bool) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if from_text and str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return str(value).lower() in ("true", "1", "yes", "on")
+        word = str(value).strip().lower()
+        if from_text and word in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return word in ("true", "1", "yes", "on")
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -215,36 +224,85 @@ def apply_dict(config: Config, values: dict) -> None:
             _set(config, f"{section_name}.{key}", value, from_text=False)
 
 
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` typed on a command line mean a newline, a tab and a backslash."""
+    return re.sub(r"\\[nt\\]", lambda match: _ESCAPES[match.group(0)], text)
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> None:
-    """Applies command-line KEY=VALUE overrides (`train.max_steps=20`, `student.keep_layers=0,1,29`)."""
+    """Applies command-line KEY=VALUE overrides (`train.max_steps=20`, `student.keep_layers=0,1,29`).
+
+    A VALUE is taken as typed, spaces included (a template may end in one), with `\\n`, `\\t` and
+    `\\\\` read as escapes."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=20)")
-        _set(config, key.strip(), value.strip(), from_text=True)
+        _set(config, key.strip(), _unescape(value), from_text=True)
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    config = Config()
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        import yaml  # a dependency of transformers; YAML is a superset of JSON
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats as YAML 1.2 and JSON do: PyYAML (YAML 1.1) takes `2e-4`
+    and `1e-05`, without a dot, for strings."""
+    import yaml  # a dependency of transformers
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def read_config_file(path: str) -> dict:
+    """A config file's {section: {key: value}}: JSON for *.json, YAML otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = file.read_text()
+    if file.suffix == ".json":
         try:
-            apply_dict(config, yaml.safe_load(file.read_text()) or {})
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML/JSON: {error}") from None
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid JSON: line {error.lineno}: {error.msg}") from None
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+
+
+def load_config(path=None, overrides: Optional[list[str]] = None) -> Config:
+    """The default, then each config file in `path` (one path or a list, later ones win), then
+    the KEY=VALUE overrides."""
+    config = Config()
+    for file in [path] if isinstance(path, (str, os.PathLike)) else (path or []):
+        apply_dict(config, read_config_file(str(file)))
     apply_overrides(config, overrides or [])
     validate(config)
     return config
 
 
+def template_fields(template: str) -> set:
+    """The {fields} of a format string; ConfigError naming data.template if it is malformed."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ConfigError(f"config key 'data.template' is not a valid format string ({error}): {template!r}; "
+                          f"write literal braces as {{{{ and }}}}") from None
+
+
 def validate(config: Config) -> None:
     """Checks that values are in range, naming the key; types are already checked."""
     from ..losses import LOSSES
-    from ..schedule import REPLAY_RATIOS
+    from ..schedule import FIRST_REFERENCES, REPLAY_RATIOS
 
     def require(ok: bool, key: str, expected: str) -> None:
         if not ok:
@@ -259,6 +317,8 @@ def validate(config: Config) -> None:
     require(0.0 <= config.loss.kd_ratio <= 1.0, "loss.kd_ratio", "in [0, 1]")
     require(config.data.max_prompt_length > 0, "data.max_prompt_length", "> 0")
     require(config.data.max_length > config.data.max_prompt_length, "data.max_length", "> data.max_prompt_length")
+    require(config.data.template == "chat" or template_fields(config.data.template) == {"prompt"}, "data.template",
+            '"chat", or a format string whose only field is {prompt} (once or more)')
     require(config.train.batch_size > 0, "train.batch_size", "> 0")
     require(config.train.grad_accum > 0, "train.grad_accum", "> 0")
     require(config.train.batch_size % config.train.grad_accum == 0, "train.batch_size", "a multiple of train.grad_accum")
@@ -268,6 +328,7 @@ def validate(config: Config) -> None:
     require(config.train.warmup_steps >= 0, "train.warmup_steps", ">= 0")
     require(config.train.schedule in ("cosine", "linear", "constant"), "train.schedule", "cosine, linear or constant")
     require(config.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0")
+    require(config.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", " or ".join(NONFINITE_POLICIES))
     require(config.eval.interval >= 0, "eval.interval", ">= 0")
     require(config.eval.num_examples >= 0, "eval.num_examples", ">= 0")
     require(config.eval.batch_size > 0, "eval.batch_size", "> 0")
@@ -283,16 +344,34 @@ def validate(config: Config) -> None:
     require(sgo.temperature > 0, "sgo.temperature", "> 0")
     require(0.0 < sgo.top_p <= 1.0, "sgo.top_p", "in (0, 1]")
     require(sgo.top_k >= 0, "sgo.top_k", ">= 0")
-    require(sgo.mode != "adaptive" or config.eval.interval > 0 or sgo.init_threshold > 0, "sgo.init_threshold",
-            "> 0, or eval.interval > 0, with sgo.mode=adaptive (phi only rises at validations; otherwise it "
-            "stays 0 and the run is plain KD)")
+    require(sgo.first_reference in FIRST_REFERENCES, "sgo.first_reference", " or ".join(FIRST_REFERENCES))
     require(config.output.log_interval > 0, "output.log_interval", "> 0")
     require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
     require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")
 
 
+def check_adaptive_can_engage(config: Config, total_steps: int) -> None:
+    """ConfigError when sgo.mode=adaptive would silently be plain KD: φ starts at 0 and never gets
+    the validations it needs to rise (one during training after a before-training reference, two
+    otherwise; the final evaluation comes after the last step)."""
+    sgo, interval = config.sgo, config.eval.interval
+    if sgo.mode != "adaptive" or sgo.init_threshold > 0:
+        return
+    during_training = (total_steps - 1) // interval if interval else 0
+    needed = 1 if sgo.first_reference == "before_training" else 2
+    if during_training < needed:
+        raise ConfigError(
+            f"config key 'sgo.init_threshold' must be > 0 with sgo.mode=adaptive when phi cannot rise: "
+            f"eval.interval={interval} gives {during_training} validation(s) in {total_steps} steps, and "
+            f"sgo.first_reference={sgo.first_reference} needs {needed}; lower eval.interval or raise "
+            f"sgo.init_threshold")
+
+
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    """Writes config.json atomically: a reader sees the old file or the new one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    os.replace(staging, path)
 
 
 def describe_options() -> str:

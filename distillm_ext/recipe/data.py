@@ -46,10 +46,15 @@ class EncodedExample:
     reference: str  # the response text, for ROUGE-L
 
 
-def _read_json_rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as file:
-        text = file.read()
+def _read_json_rows(path: Path, split: str) -> list[dict]:
+    compressed = path.suffix == ".gz"
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:  # gzip.BadGzipFile is an OSError
+        kind = "gzip-compressed UTF-8 text" if compressed else "UTF-8 text"
+        raise ConfigError(f"data.{split}: {path} is not {kind} (JSON or JSON lines): {error}") from None
     if text.lstrip().startswith("["):  # one JSON array
         try:
             return json.loads(text)
@@ -82,7 +87,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
         import datasets
 
         return datasets.Dataset.from_file(str(path)).to_list()
-    return _read_json_rows(path)
+    return _read_json_rows(path, split)
 
 
 def load_examples(source: str, split: str, prompt_field: str = "prompt", response_field: str = "response") -> list[Example]:

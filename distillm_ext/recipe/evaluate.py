@@ -5,6 +5,9 @@ adaptive SGO schedule watches; ROUGE-L (rouge-score, stemmed, F-measure x 100) o
 generated from the prompts is the paper's quality metric. Under torch.distributed each rank
 scores its shard of the examples and the sums are all-reduced, so every rank gets the same
 numbers.
+
+Both see the model over its first `vocab_size` rows only, the vocabulary it was distilled on:
+the CE normalizes over those rows, and generation never picks a row beyond them.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
-
 from .config import EvalConfig
 from .data import EncodedExample, collate_for_training, collate_prompts, pad_token_id
 from .distributed import all_reduce_sum, rank, world_size
+from .generation import generate_with_settings, generation_config
 
 
 @dataclass
@@ -36,36 +38,33 @@ def _batches(items: list, batch_size: int):
 
 @torch.no_grad()
 def response_cross_entropy(model, examples: list[EncodedExample], pad_id: int, batch_size: int,
-                           device: torch.device) -> tuple[float, int]:
+                           device: torch.device, vocab_size: int) -> tuple[float, int]:
     """(sum of per-token CE over the response tokens, number of those tokens) on this rank's examples."""
     total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for chunk in _batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate_for_training(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         targets = batch["labels"][:, 1:]
         total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            logits[:, :-1, :vocab_size].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
         tokens += int((targets != -100).sum())
     return float(total), tokens
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, examples: list[EncodedExample], settings: EvalConfig,
-                     device: torch.device) -> list[str]:
+                     device: torch.device, vocab_size: int) -> list[str]:
     """Answers generated from each example's prompt (special tokens removed)."""
     pad_id = pad_token_id(tokenizer)
-    generation = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-           if settings.do_sample else {}),
-    )
+    generation = generation_config(
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, temperature=settings.temperature,
+        top_p=settings.top_p, top_k=settings.top_k, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
     was_training = model.training
     model.eval()
     answers = []
     for chunk in _batches(examples, settings.batch_size):
         batch = {k: v.to(device) for k, v in collate_prompts(chunk, pad_id).items()}
-        output = model.generate(**batch, generation_config=generation)
+        output = generate_with_settings(model, batch, generation, vocab_size)
         answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return [answer.strip() for answer in answers]
@@ -79,14 +78,15 @@ def rouge_l_sum(predictions: list[str], references: list[str]) -> float:
     return sum(100.0 * scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
 
 
-def evaluate(model, tokenizer, examples: list[EncodedExample], settings: EvalConfig,
-             device: torch.device) -> EvalResult:
-    """Validation CE and ROUGE-L of `model` on `examples` (all ranks together)."""
+def evaluate(model, tokenizer, examples: list[EncodedExample], settings: EvalConfig, device: torch.device,
+             vocab_size: int) -> EvalResult:
+    """Validation CE and ROUGE-L of `model`'s first `vocab_size` rows on `examples` (all ranks together)."""
     was_training = model.training
     model.eval()
     local = examples[rank()::world_size()]
-    loss_sum, tokens = response_cross_entropy(model, local, pad_token_id(tokenizer), settings.batch_size, device)
-    answers = generate_answers(model, tokenizer, local, settings, device)
+    loss_sum, tokens = response_cross_entropy(model, local, pad_token_id(tokenizer), settings.batch_size, device,
+                                              vocab_size)
+    answers = generate_answers(model, tokenizer, local, settings, device, vocab_size)
     rouge_sum = rouge_l_sum(answers, [e.reference for e in local])
     model.train(was_training)
     totals = all_reduce_sum(torch.tensor([loss_sum, tokens, rouge_sum, len(local)], dtype=torch.float64, device=device))

@@ -82,8 +82,12 @@ def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
             f"{role}.path {path!r} holds a {config.model_type!r} model, which is not a causal language "
             f"model (no AutoModelForCausalLM class for it)"
         )
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:  # no weights, a broken file, no tokenizer
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{role}.path {path!r}: cannot load it: {reason}") from None
     return model, tokenizer
 
 

@@ -18,11 +18,10 @@ from collections import Counter
 from typing import Callable, Optional
 
 import torch
-from transformers import GenerationConfig
-
 from .batches import DatasetBatches
 from .config import SGOConfig
 from .data import collate_for_training, collate_prompts
+from .generation import generate_with_settings, generation_config
 from ..replay import ReplayBuffer
 from ..schedule import AdaptiveSGOScheduler
 
@@ -55,25 +54,25 @@ class SGOBatches:
     """The batch source of sgo.mode "on_policy" and "adaptive" (see the module docstring).
 
     on_policy: each step generates with probability sgo.on_policy_ratio, else uses the dataset.
-    adaptive: AdaptiveSGOScheduler decides; `on_validation(loss)` feeds it the validation loss.
+    adaptive: AdaptiveSGOScheduler decides; `on_validation(loss)` feeds it the validation losses.
     Decisions use a seeded stream shared by all ranks, so under DDP every rank takes the same
     kind of step; each rank keeps its own buffer of its own SGOs.
     """
 
     def __init__(self, dataset: DatasetBatches, student, sgo: SGOConfig, *, max_length: int,
-                 max_prompt_length: int, pad_token_id: int, eos_token_id: int, total_steps: int,
-                 seed: int, rank: int, device: torch.device,
+                 max_prompt_length: int, pad_token_id: int, eos_token_id: int, vocab_size: int,
+                 total_steps: int, seed: int, rank: int, device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.dataset, self.student, self.sgo, self.device, self.autocast = dataset, student, sgo, device, autocast
-        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.pad_token_id, self.eos_token_id, self.vocab_size = pad_token_id, eos_token_id, vocab_size
         self.buffer = ReplayBuffer(sgo.buffer_size, max_length, device=device, pad_token_id=pad_token_id,
                                    seed=seed + rank)
         self.scheduler = None
         if sgo.mode == "adaptive":
             self.scheduler = AdaptiveSGOScheduler(sgo.init_threshold, sgo.loss_eps, sgo.n_phi, sgo.replay_ratio,
-                                                  total_steps, seed)
+                                                  total_steps, seed, reference=sgo.first_reference)
         self._random = random.Random(seed)  # on_policy's draws
-        self.generation = GenerationConfig(
+        self.generation = generation_config(
             max_new_tokens=max_length - max_prompt_length, do_sample=True, temperature=sgo.temperature,
             top_p=sgo.top_p, top_k=sgo.top_k, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
         self.name = "dataset"  # the source of the latest step
@@ -120,7 +119,7 @@ class SGOBatches:
         self.student.eval()  # no dropout while sampling; the KV cache is on by default
         try:
             with self.autocast():
-                sequences = self.student.generate(**prompts, generation_config=self.generation)
+                sequences = generate_with_settings(self.student, prompts, self.generation, self.vocab_size)
         finally:
             self.student.train(was_training)
         packed = pack_generated(sequences, prompts["attention_mask"], self.eos_token_id, self.pad_token_id)
@@ -131,9 +130,9 @@ class SGOBatches:
     def _training_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: batch[key] for key in BATCH_KEYS}
 
-    def on_validation(self, val_loss: float) -> Optional[str]:
+    def on_validation(self, val_loss: float, before_training: bool = False) -> Optional[str]:
         """Feeds a validation loss to the adaptive schedule; says so when φ rose."""
-        if self.scheduler and self.scheduler.update(val_loss):
+        if self.scheduler and self.scheduler.update(val_loss, before_training):
             return f"validation loss rose: phi is now {self.phi:.2f}"
         return None
 

@@ -30,20 +30,21 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .batches import BatchSource, DatasetBatches
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, check_adaptive_can_engage
 from .data import load_split, pad_token_id
 from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLog
 from ..losses import make_loss
 from .models import load_causal_lm, load_student, load_teacher
+from .run_directory import check_output_dir, start_run
 from .sgo import SGOBatches
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm; the weights were never updated with it."""
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -97,23 +98,22 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Distills config.teacher into config.student; `fit()` runs and returns the summary.
 
+    `resume` continues the run in output.dir from its newest checkpoint; `overwrite` replaces a
+    run already there (otherwise that is an error). Nothing in output.dir changes until the
+    models and data have loaded.
     `callbacks`: functions called as `callback(trainer, step)` after every optimizer step
     (after any checkpoint of that step), for monitoring or fault-injection tests.
     """
 
-    def __init__(self, config: Config, resume: bool = False,
+    def __init__(self, config: Config, resume: bool = False, overwrite: bool = False,
                  callbacks: tuple[Callable[["Trainer", int], None], ...] = ()):
         self.config, self.callbacks = config, callbacks
         self.runtime = init_runtime()
         self.run_dir = Path(config.output.dir)
+        check_output_dir(self.run_dir, resume, overwrite)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        self.metrics = None  # the main rank's MetricsLog
-        if self.runtime.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.json")
-            self.metrics = MetricsLog(self.run_dir, tensorboard=config.output.tensorboard)
         seed_everything(config.train.seed)
         self._stop_requested = False
         self._load_models()
@@ -123,9 +123,16 @@ class Trainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.step = 0
+        self.skipped_steps = 0  # non-finite gradients skipped (train.nonfinite=skip)
         self.history: dict = {"before": {}, "evals": []}
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        self.metrics = None  # the main rank's MetricsLog
+        if self.runtime.is_main:
+            start_run(self.run_dir, config, overwrite)
+            self.metrics = MetricsLog(self.run_dir, tensorboard=config.output.tensorboard)
+            if self.resume_from is not None:
+                self.metrics.truncate_after(self.step)
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -160,23 +167,41 @@ class Trainer:
         dataset = DatasetBatches(self.train_examples, train.batch_size, train.grad_accum,
                                  pad_token_id(self.tokenizer), train.seed, runtime.rank, runtime.world_size)
         self.total_steps = train.max_steps or train.epochs * dataset.steps_per_epoch
+        check_adaptive_can_engage(self.config, self.total_steps)
         self.source: BatchSource = dataset
         if sgo.mode != "off":
             self.source = SGOBatches(
                 dataset, self.student, sgo, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
                 pad_token_id=pad_token_id(self.tokenizer), eos_token_id=self.tokenizer.eos_token_id,
-                total_steps=self.total_steps, seed=train.seed, rank=runtime.rank, device=runtime.device,
-                autocast=self._autocast)
+                vocab_size=self.vocab_size, total_steps=self.total_steps, seed=train.seed, rank=runtime.rank,
+                device=runtime.device, autocast=self._autocast)
+
+    # Keys whose change would make a checkpoint's state mean something else (the batch source's
+    # kind, the replay buffer's shape): --resume refuses them rather than misreading the state.
+    RESUME_FIXED_KEYS = ("sgo.mode", "sgo.buffer_size", "data.max_length")
+
+    def _check_resumable(self, checkpoint: Path, saved: dict) -> None:
+        info = ckpt.read_info(checkpoint)
+        if info["world_size"] != self.runtime.world_size:
+            raise ConfigError(
+                f"--resume: {checkpoint} was saved by {info['world_size']} process(es), and this run has "
+                f"{self.runtime.world_size}; resume with torchrun --nproc_per_node {info['world_size']} "
+                f"(x nodes) so that every rank finds its own state")
+        for key in self.RESUME_FIXED_KEYS:
+            section, name = key.split(".")
+            before, now = saved[section][name], getattr(getattr(self.config, section), name)
+            if before != now:
+                raise ConfigError(f"--resume: {key} was {before!r} in {checkpoint}, and is {now!r} now; "
+                                  f"resume with {key}={before}, or start a new run")
 
     def _restore(self, checkpoint: Path) -> None:
         state = ckpt.load_trainer_state(checkpoint)
-        self.step = state["step"]
+        self._check_resumable(checkpoint, state["config"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.source.load_state_dict(state["rank"]["source"])
         self.history = state["history"]
         ckpt.set_rng_state(state["rank"]["rng"])
-        if self.metrics:
-            self.metrics.truncate_after(self.step)
         self._info(f"resumed from {checkpoint} at step {self.step}")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -193,12 +218,15 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def evaluate(self, model) -> EvalResult:
-        return evaluate(model, self.tokenizer, self.val_examples, self.config.eval, self.runtime.device)
+        return evaluate(model, self.tokenizer, self.val_examples, self.config.eval, self.runtime.device,
+                        self.vocab_size)
 
     def save(self) -> Path:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "history": self.history}
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "optimizer": self.optimizer.state_dict(),
+                 "history": self.history, "config": self.config.to_dict()}
+        info = {"vocab_size": self.vocab_size, "world_size": self.runtime.world_size}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, state,
-                                    {"source": self.source.state_dict()}, self.config.output.keep_checkpoints)
+                                    {"source": self.source.state_dict()}, info, self.config.output.keep_checkpoints)
         self._info(f"saved checkpoint {path}")
         return path
 
@@ -206,7 +234,7 @@ class Trainer:
 
     def _loss(self, batch: dict, timer: StepTimer) -> tuple[torch.Tensor, torch.Tensor]:
         """(KD sum, CE sum) over this micro-batch's response tokens."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         with timer.section("teacher_forward"), torch.no_grad(), self._autocast():
             teacher_logits = self.teacher(**inputs).logits
         with timer.section("student_forward"), self._autocast():
@@ -219,7 +247,7 @@ class Trainer:
             ce = torch.zeros((), device=kd.device)
             if kd_ratio < 1.0:
                 ce = torch.nn.functional.cross_entropy(
-                    student_logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+                    student_logits[:, :-1, :vocab].flatten(0, 1).float(), targets.flatten(), reduction="sum")
         return kd, ce
 
     def train_step(self, timer: StepTimer) -> dict[str, torch.Tensor]:
@@ -246,15 +274,31 @@ class Trainer:
             group["lr"] = self.config.train.lr * lr_factor(
                 self.step, self.config.train.warmup_steps, self.total_steps, self.config.train.schedule)
         with timer.section("optimizer"):
-            grad_norm = torch.zeros((), device=device)
-            if self.config.train.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.train.max_grad_norm)
-            self.optimizer.step()
+            max_norm = self.config.train.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+            # The one host sync of a step: a non-finite update must never reach the weights. Under
+            # DDP the gradients are already all-reduced, so every rank decides the same.
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if not finite:
+            self._on_nonfinite_gradient()
         sums = torch.stack([kd_total, ce_total, local_tokens.float(),
-                            sum(b["attention_mask"].sum() for b in micro_batches).float()])
+                            sum(b["attention_mask"].sum() for b in micro_batches).float(),
+                            torch.tensor(float(not finite), device=device)])
         return {"sums": sums, "grad_norm": grad_norm.detach()}
+
+    def _on_nonfinite_gradient(self) -> None:
+        """train.nonfinite: stop (the weights are as the last step left them), or skip the step."""
+        if self.config.train.nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite gradient norm at step {self.step}; the weights were not updated with it, and the "
+                f"last good checkpoint is {ckpt.latest_checkpoint(self.run_dir)} (set train.nonfinite=skip "
+                f"to skip such steps instead)")
+        self.skipped_steps += 1
+        log.warning("step %d: non-finite gradient norm, step skipped (%d so far)", self.step, self.skipped_steps)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -273,20 +317,27 @@ class Trainer:
         if not pending:
             return
         first_step = self.step - len(pending) + 1
-        sums = torch.stack([p["sums"] for p in pending])  # (steps, 4): kd, ce, response tokens, tokens
-        sums = all_reduce_sum(sums).cpu()
+        # (steps, 5): kd, ce, response tokens, tokens, skipped (summed over ranks: world_size when skipped)
+        sums = all_reduce_sum(torch.stack([p["sums"] for p in pending])).cpu()
+        applied = sums[sums[:, 4] == 0]
         for offset, row in enumerate(sums):
-            if not torch.isfinite(row[:2]).all():
-                raise NonFiniteLossError(
+            if row[4] == 0 and not torch.isfinite(row[:2]).all():
+                raise NonFiniteError(
                     f"non-finite loss at step {first_step + offset}; the last good checkpoint is "
                     f"{ckpt.latest_checkpoint(self.run_dir)}")
         elapsed = time.perf_counter() - started
-        kd, ce, response_tokens, tokens = sums.sum(0).tolist()
+        kd, ce, response_tokens, _, _ = applied.sum(0).tolist()
+        tokens = sums[:, 3].sum().item()
         kd_ratio = self.config.loss.kd_ratio
+
+        def per_token(total: float):  # None when every step of the interval was skipped
+            return total / response_tokens if response_tokens else None
+
         record = {
             "kind": "train", "step": self.step, "epoch": self.source.epoch,
-            "loss": (kd_ratio * kd + (1 - kd_ratio) * ce) / max(response_tokens, 1),
-            "kd_loss": kd / max(response_tokens, 1), "ce_loss": ce / max(response_tokens, 1) if kd_ratio < 1 else None,
+            "loss": per_token(kd_ratio * kd + (1 - kd_ratio) * ce),
+            "kd_loss": per_token(kd), "ce_loss": per_token(ce) if kd_ratio < 1 else None,
+            "skipped_steps": len(pending) - len(applied),
             "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(pending[-1]["grad_norm"]),
             "tokens_per_s": tokens / elapsed, "source": self.source.name,
             "time": {name: round(seconds, 4) for name, seconds in timer.collect().items()},
@@ -296,7 +347,7 @@ class Trainer:
         record["time"].update(stats.pop("time", {}))
         record.update(stats)
         self._write_metrics(record)
-        if bar is not None:
+        if bar is not None and record["loss"] is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         pending.clear()
 
@@ -313,9 +364,10 @@ class Trainer:
                     teacher = self.evaluate(self.teacher)
                 self.history["before"]["teacher"] = teacher.to_dict()
                 self._info(f"teacher: val_loss {teacher.val_loss:.4f}, ROUGE-L {teacher.rouge_l:.2f}")
-            before = self._evaluate_student("student before").to_dict()
-            self.history["before"]["student"] = before
-            self._write_metrics({"kind": "eval", "step": 0, **before})
+            before = self._evaluate_student("student before")
+            self.source.on_validation(before.val_loss, before_training=True)
+            self.history["before"]["student"] = before.to_dict()
+            self._write_metrics({"kind": "eval", "step": 0, **before.to_dict()})
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", dynamic_ncols=True,
                    disable=not runtime.is_main)
@@ -368,6 +420,7 @@ class Trainer:
             "student_before": self.history["before"]["student"],
             "student_after": after.to_dict(),
             "steps": self.step,
+            "skipped_steps": self.skipped_steps,
             "checkpoint": str(ckpt.latest_checkpoint(self.run_dir)),
         }
         if self.runtime.is_main:

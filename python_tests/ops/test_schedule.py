@@ -25,6 +25,21 @@ def test_phi_rises_only_when_validation_loss_gets_worse_by_eps():
     assert scheduler.phi == 1.0  # capped
 
 
+@pytest.mark.parametrize("reference, phi_after", [("before_training", 0.1), ("first_validation", 0.0)])
+def test_the_loss_before_training_is_the_first_reference_by_default(reference, phi_after):
+    # The paper's code compares the first validation with the loss before training; the other
+    # reading only records the first validation.
+    scheduler = AdaptiveSGOScheduler(loss_eps=0.1, n_phi=10, reference=reference)
+    assert scheduler.update(1.0, before_training=True) is False and scheduler.phi == 0.0
+    assert scheduler.update(2.0) is (phi_after > 0)
+    assert scheduler.phi == pytest.approx(phi_after) and scheduler.reference_loss == 2.0
+
+
+def test_unknown_reference_is_an_error():
+    with pytest.raises(ValueError, match="reference must be one of before_training, first_validation"):
+        AdaptiveSGOScheduler(reference="whenever")
+
+
 def replay_decisions(phi, ratio, steps, total, full, seed):
     """The rule written out independently, on the same random stream."""
     draws, decisions = random.Random(seed), []

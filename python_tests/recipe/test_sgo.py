@@ -10,7 +10,7 @@ from test_trainer import KILL_AT_STEP_5, _run, final_weights, train, train_recor
 from tiny_models import overrides
 
 from distillm_ext import ReplayBuffer
-from distillm_ext.recipe.config import ConfigError, load_config
+from distillm_ext.recipe.config import ConfigError, check_adaptive_can_engage, load_config
 from distillm_ext.recipe.data import EncodedExample, collate_for_training, collate_prompts
 from distillm_ext.recipe.evaluate import EvalResult
 from distillm_ext.recipe.sgo import pack_generated
@@ -109,17 +109,24 @@ def test_adaptive_fills_the_buffer_then_replays(tiny, tmp_path):
     assert all(r["phi"] == 1.0 for r in train_records(run))
 
 
-def test_phi_rises_when_the_validation_loss_does(tiny, tmp_path, monkeypatch):
-    scripted = iter([3.0, 1.0, 1.05, 1.3, 1.8, 1.0])  # before training, steps 2, 4, 6, 8, after
-    monkeypatch.setattr(Trainer, "evaluate", lambda self, model: EvalResult(next(scripted), 50.0, 4))
+@pytest.mark.parametrize("first_reference, scripted, expected_phi", [
+    # The paper's code: the loss before training is the first reference. 2.0 >= 1.0 + eps rises
+    # at step 2 (new reference 2.0), 2.05 is within eps, 2.3 rises, 2.1 does not.
+    ("before_training", [1.0, 2.0, 2.05, 2.3, 2.1, 1.0], [0.0] * 2 + [0.1] * 4 + [0.2] * 4),
+    # The other reading: the loss before training is ignored (here the undistilled student is far
+    # worse); step 2 sets the reference 1.0; 1.05 is within eps; 1.3 rises; 1.8 rises.
+    ("first_validation", [3.0, 1.0, 1.05, 1.3, 1.8, 1.0], [0.0] * 6 + [0.1] * 2 + [0.2] * 2),
+])
+def test_phi_rises_when_the_validation_loss_does(tiny, tmp_path, monkeypatch, first_reference, scripted,
+                                                 expected_phi):
+    losses = iter(scripted)  # before training, steps 2, 4, 6, 8, after
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, model: EvalResult(next(losses), 50.0, 4))
     run = tmp_path / "rising"
     train(overrides(tiny, run, sgo__mode="adaptive", sgo__loss_eps=0.2, eval__interval=2, train__max_steps=10,
-                    sgo__buffer_size=8))
-    # The validation before training is not a reference (the undistilled student is far worse).
-    # Step 2 sets the reference 1.0; 1.05 is within eps; 1.3 rises (new reference); 1.8 rises.
+                    sgo__buffer_size=8, sgo__first_reference=first_reference))
     phi = [r["phi"] for r in train_records(run)]
-    assert phi == pytest.approx([0.0] * 6 + [0.1] * 2 + [0.2] * 2)
-    assert set(sources_per_step(run)[:6]) == {"dataset"}
+    assert phi == pytest.approx(expected_phi)
+    assert set(sources_per_step(run)[:expected_phi.count(0.0)]) == {"dataset"}
 
 
 def test_sigkill_then_resume_restores_buffer_and_scheduler(tiny, tmp_path):
@@ -167,10 +174,20 @@ def test_bad_sgo_config_is_a_clear_error(override, message):
         load_config(None, [override])
 
 
-def test_adaptive_that_can_never_engage_is_an_error():
-    with pytest.raises(ConfigError, match="phi only rises at validations"):
-        load_config(None, ["sgo.mode=adaptive", "eval.interval=0"])
-    load_config(None, ["sgo.mode=adaptive", "eval.interval=0", "sgo.init_threshold=0.2"])
+@pytest.mark.parametrize("first_reference, interval, engages", [
+    ("before_training", 0, False), ("before_training", 9, True), ("before_training", 10, False),
+    ("first_validation", 9, False), ("first_validation", 4, True),
+])
+def test_adaptive_that_can_never_engage_is_an_error(first_reference, interval, engages):
+    config = load_config(None, ["sgo.mode=adaptive", f"eval.interval={interval}",
+                                f"sgo.first_reference={first_reference}"])
+    if engages:
+        check_adaptive_can_engage(config, total_steps=10)
+    else:
+        with pytest.raises(ConfigError, match="sgo.init_threshold' must be > 0 .* phi cannot rise"):
+            check_adaptive_can_engage(config, total_steps=10)
+    config.sgo.init_threshold = 0.2  # phi > 0 from the start: always engages
+    check_adaptive_can_engage(config, total_steps=10)
 
 
 def test_metrics_lines_are_json_with_sgo_fields(tiny, tmp_path):

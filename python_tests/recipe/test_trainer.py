@@ -15,7 +15,7 @@ from tiny_models import overrides
 from distillm_ext.recipe.config import load_config
 from distillm_ext.recipe.metrics import read_metrics
 from distillm_ext.losses import LOSSES
-from distillm_ext.recipe.trainer import NonFiniteLossError, Trainer, lr_factor
+from distillm_ext.recipe.trainer import NonFiniteError, Trainer, lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,14 +116,14 @@ def test_two_processes_match_one(tiny, tmp_path):
     assert losses_two == pytest.approx(losses_one, rel=1e-5)  # metrics reduced over both ranks
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+def test_non_finite_weights_stop_the_run_at_the_next_step(tiny, tmp_path):
     def poison(trainer, step):
         if step == 2:
             with torch.no_grad():
                 next(trainer.student.parameters()).fill_(float("nan"))
 
     run = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3.*step-000002"):
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm at step 3.*step-000002"):
         train(overrides(tiny, run, output__checkpoint_interval=2), callbacks=(poison,))
     weights = final_weights(run, 2)
     assert all(torch.isfinite(t).all() for t in weights.values())

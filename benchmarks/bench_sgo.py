@@ -45,11 +45,15 @@ def train(mode: str, seed: int, args, train_file: Path, run_dir: Path) -> dict:
         f"eval.interval={args.eval_interval}", f"eval.num_examples={args.eval_examples}", "eval.teacher=false",
         f"sgo.init_threshold={args.init_threshold}", f"sgo.loss_eps={args.loss_eps}", f"sgo.buffer_size={args.buffer_size}",
         f"output.dir={run_dir}", "output.checkpoint_interval=0", "output.plots=true", f"train.lr={args.lr}",
+        # The built-in student is pruned, far worse before training than after any step: with the
+        # loss before training as the first reference, phi could never rise.
+        "sgo.first_reference=first_validation",
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:  # the trainer's own log and progress bar
-        done = subprocess.run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", *overrides], stdout=log, stderr=log)
+        done = subprocess.run([sys.executable, "-m", "distillm_ext.recipe.cli", "train", "--overwrite", *overrides],
+                              stdout=log, stderr=log)
     if done.returncode != 0:
         sys.exit(f"distillm train ({mode}, seed {seed}) failed; see {run_dir.with_suffix('.log')}")
     total_s = time.perf_counter() - started

@@ -328,7 +328,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         kd, ce, response_tokens, _, _ = applied.sum(0).tolist()
         tokens = sums[:, 3].sum().item()
-        kd_ratio = self.config.loss.kd_ratio
+        kd_ratio, grad_norm = self.config.loss.kd_ratio, float(pending[-1]["grad_norm"])
 
         def per_token(total: float):  # None when every step of the interval was skipped
             return total / response_tokens if response_tokens else None
@@ -338,7 +338,7 @@ class Trainer:
             "loss": per_token(kd_ratio * kd + (1 - kd_ratio) * ce),
             "kd_loss": per_token(kd), "ce_loss": per_token(ce) if kd_ratio < 1 else None,
             "skipped_steps": len(pending) - len(applied),
-            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(pending[-1]["grad_norm"]),
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "tokens_per_s": tokens / elapsed, "source": self.source.name,
             "time": {name: round(seconds, 4) for name, seconds in timer.collect().items()},
             "elapsed_s": elapsed,

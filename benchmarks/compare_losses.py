@@ -1,0 +1,233 @@
+"""Which KD loss? DistiLLM's claims in miniature: every loss type, and a gold-only baseline, on the
+built-in default with identical steps, data and evaluation, over several seeds.
+
+    python benchmarks/compare_losses.py                  # 7 configurations x 3 seeds, ~1.5 h on 2 cores
+    python benchmarks/compare_losses.py --quick          # a smoke test of the whole pipeline
+
+Protocol (the paper's, scaled down):
+1. Warm start: the built-in student (the teacher with 18 of its 30 layers removed) is first
+   fine-tuned on the references alone (`loss.kd_ratio=0`) for --warm-start-steps steps, once.
+   The paper starts KD from an SFT student too; without it, a pruned student's first steps are
+   repair, and every loss would mostly measure how fast it repairs.
+2. From that student, each configuration trains --steps steps per seed (the seed sets the data
+   order): fkl, rkl, skl, srkl, jsd, tvd (`loss.kd_ratio=1`), and gold (`loss.kd_ratio=0`: more
+   SFT, the baseline KD must beat). The validation loss every --eval-interval steps gives the
+   convergence curves.
+3. Each final student is scored by `distillm eval` on the test split: cross-entropy on the
+   references and ROUGE-L of greedy answers, on --test-examples examples (all 300 by default).
+
+Every finished run keeps its result.json, so an interrupted study continues where it stopped
+(delete the folder to start over). Outputs in --out: results.json (every run), losses.md (the
+table and the verdict on each claim), losses.png (means with standard deviations), curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import environment  # noqa: E402
+
+from distillm_ext.recipe.cli import main as distillm  # noqa: E402
+from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
+
+CONFIGURATIONS = {
+    **{loss: [f"loss.type={loss}", "loss.kd_ratio=1"] for loss in ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")},
+    "gold": ["loss.kd_ratio=0"],
+}
+SKEWED = ("skl", "srkl")
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (for paired differences over seeds).
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return f"{os.cpu_count()} cores, {model or platform.machine()}"
+
+
+def run_distillm(args: list[str]) -> None:
+    code = distillm(args)
+    if code != 0:
+        sys.exit(f"distillm {' '.join(args)} failed with exit code {code}")
+
+
+def warm_start(args) -> Path:
+    """The SFT student every configuration starts from (trained once, reused)."""
+    run = args.out / "warm_start"
+    model = run / "checkpoints" / f"step-{args.warm_start_steps:06d}" / "model"
+    if not model.is_dir():
+        run_distillm(["train", "--overwrite", *args.set, "loss.kd_ratio=0", f"train.max_steps={args.warm_start_steps}",
+                      "eval.teacher=false", "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
+    return model
+
+
+def train_and_score(name: str, seed: int, student: Path, args) -> dict:
+    """One configuration and seed: train, then score on the test split; cached in result.json."""
+    run = args.out / f"{name}-{seed}"
+    result_file = run / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    started = time.perf_counter()
+    run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], f"student.path={student}",
+                  f"train.seed={seed}", f"train.max_steps={args.steps}", f"eval.interval={args.eval_interval}",
+                  f"eval.num_examples={args.curve_examples}", "eval.teacher=false",
+                  "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
+    train_s = time.perf_counter() - started
+    scores = run / "test_scores.json"
+    run_distillm(["eval", "--model", str(run), "--split", "test", "--output", str(scores),
+                  f"eval.num_examples={args.test_examples}"])
+    test = json.loads(scores.read_text())
+    evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
+    result = {"config": name, "seed": seed, "test_loss": test["val_loss"], "rouge_l": test["rougeL"],
+              "test_examples": test["examples"], "curve": [[r["step"], r["val_loss"]] for r in evals],
+              "train_s": train_s}
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def mean_val_loss(result: dict) -> float:
+    """The mean of the validation-loss curve after step 0: lower means it got there faster."""
+    return statistics.mean(loss for step, loss in result["curve"] if step > 0)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per configuration: mean, standard deviation and per-seed values of each score."""
+    rows = []
+    for name in CONFIGURATIONS:
+        mine = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        row = {"config": name, "seeds": [r["seed"] for r in mine]}
+        for key, values in (("rouge_l", [r["rouge_l"] for r in mine]), ("test_loss", [r["test_loss"] for r in mine]),
+                            ("curve_loss", [mean_val_loss(r) for r in mine])):
+            row[key] = statistics.mean(values)
+            row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f"{key}_seeds"] = values
+        rows.append(row)
+    return rows
+
+
+def paired(results: list[dict], better: str, worse: str, key, higher_is_better: bool) -> dict:
+    """`better` minus `worse` per seed (sign so that > 0 favours `better`), and whether the mean
+    difference is non-zero at 95% (paired t-test over the seeds both ran)."""
+    by_seed = {(r["config"], r["seed"]): key(r) for r in results}
+    seeds = sorted(s for (c, s) in by_seed if c == better and (worse, s) in by_seed)
+    diffs = [(by_seed[(better, s)] - by_seed[(worse, s)]) * (1 if higher_is_better else -1) for s in seeds]
+    if len(diffs) < 2:
+        return {"mean": diffs[0] if diffs else math.nan, "n": len(diffs), "verdict": "too few seeds"}
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean)
+    significant = abs(t) > T_975.get(len(diffs) - 1, 2.0)
+    verdict = ("holds" if mean > 0 else "contradicted") if significant else "not resolved (within seed noise)"
+    return {"mean": mean, "sd": sd, "n": len(diffs), "t": t, "verdict": verdict}
+
+
+def claims(results: list[dict]) -> list[str]:
+    """A plain sentence per claim of the paper: SKL/SRKL beat each other loss and gold, on test
+    ROUGE-L and on test CE, and converge faster (lower mean validation loss along the way)."""
+    lines = []
+    measures = (("ROUGE-L", lambda r: r["rouge_l"], True), ("test CE", lambda r: r["test_loss"], False),
+                ("mean val loss along training", mean_val_loss, False))
+    for skewed in SKEWED:
+        for other in CONFIGURATIONS:
+            if other in SKEWED:
+                continue
+            for label, key, higher in measures:
+                p = paired(results, skewed, other, key, higher)
+                if p["n"]:
+                    lines.append(f"{skewed} better than {other} on {label}: {p['verdict']} "
+                                 f"(advantage {p['mean']:+.3f}, sd {p.get('sd', math.nan):.3f} over {p['n']} seeds)")
+    return lines
+
+
+def markdown(rows: list[dict], statements: list[str], meta: dict) -> str:
+    lines = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", "",
+             "| configuration | test ROUGE-L | test CE (nats/token) | mean val loss (convergence) | ROUGE-L per seed |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        per_seed = ", ".join(f"{v:.2f}" for v in row["rouge_l_seeds"])
+        lines.append(f"| {row['config']} | {row['rouge_l']:.2f} ± {row['rouge_l_sd']:.2f} | "
+                     f"{row['test_loss']:.4f} ± {row['test_loss_sd']:.4f} | "
+                     f"{row['curve_loss']:.4f} ± {row['curve_loss_sd']:.4f} | {per_seed} |")
+    return "\n".join(lines + ["", "Claims (paired over seeds, 95%):", ""] + [f"- {s}" for s in statements]) + "\n"
+
+
+def plot(rows: list[dict], results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["config"] for row in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, key, title in ((axes[0], "rouge_l", "test ROUGE-L (higher is better)"),
+                             (axes[1], "test_loss", "test CE, nats/token (lower is better)")):
+        axis.bar(names, [r[key] for r in rows], yerr=[r[f"{key}_sd"] for r in rows], capsize=4,
+                 color=["C1" if n in SKEWED else "C7" if n == "gold" else "C0" for n in names])
+        axis.set_title(title)
+        low = min(r[key] - r[f"{key}_sd"] for r in rows)
+        axis.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+    figure.tight_layout()
+    figure.savefig(out / "losses.png", dpi=120)
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for index, name in enumerate(names):
+        curves = [r["curve"] for r in results if r["config"] == name]
+        steps = [step for step, _ in curves[0]]
+        axis.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], "o-",
+                  label=name, color=f"C{index}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation CE (mean over seeds)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "curves.png", dpi=120)
+    plt.close("all")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--warm-start-steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-interval", type=int, default=10)
+    parser.add_argument("--curve-examples", type=int, default=50, help="validation examples per curve point")
+    parser.add_argument("--test-examples", type=int, default=0, help="test examples scored at the end (0 = all 300)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run (e.g. another teacher or data set)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 seeds, 2 warm-start + 3 steps, 8 examples: checks the pipeline, not the claims")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/losses"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.warm_start_steps, args.steps, args.eval_interval = args.seeds[:2], 2, 3, 2
+        args.curve_examples = args.test_examples = 8
+        args.set = [*args.set, "eval.max_new_tokens=8", "eval.batch_size=8"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    student = warm_start(args)
+    results = []
+    for seed in args.seeds:
+        for name in args.configs:
+            results.append(train_and_score(name, seed, student, args))
+            r = results[-1]
+            print(f"{name:>5} seed {seed}: ROUGE-L {r['rouge_l']:.2f}, test CE {r['test_loss']:.4f}, "
+                  f"mean val loss {mean_val_loss(r):.4f}", flush=True)
+    rows, statements = summarize(results), claims(results)
+    command = " ".join(["python benchmarks/compare_losses.py", *(argv if argv is not None else sys.argv[1:])])
+    meta = {**environment(), "machine": machine(), "command": command, **{k: str(v) for k, v in vars(args).items()}}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1) + "\n")
+    (args.out / "losses.md").write_text(markdown(rows, statements, meta))
+    plot(rows, results, args.out)
+    print((args.out / "losses.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""benchmarks/compare_losses.py --quick on tiny models: every configuration trains and is scored,
+the report is written, finished runs are reused, and a re-run reproduces its numbers."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import compare_losses  # noqa: E402
+
+
+def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
+    out = tmp_path / "losses"
+    tiny_settings = [item for item in overrides(tiny, tmp_path / "unused") if not item.startswith("output.dir=")]
+    compare_losses.main(["--quick", "--out", str(out), "--set", *tiny_settings])
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["runs"]) == 2 * len(compare_losses.CONFIGURATIONS)
+    assert [row["config"] for row in report["rows"]] == list(compare_losses.CONFIGURATIONS)
+    assert all(run["test_examples"] == 8 and [s for s, _ in run["curve"]] == [0, 2, 3] for run in report["runs"])
+    table = (out / "losses.md").read_text()
+    assert "| srkl |" in table and "skl better than fkl on ROUGE-L:" in table
+    assert (out / "losses.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    # A finished run is reused; one run again from scratch gives the same numbers.
+    again = out / "srkl-2"
+    before = json.loads((again / "result.json").read_text())
+    (again / "result.json").unlink()
+    compare_losses.main(["--quick", "--out", str(out), "--configs", "srkl", "--seeds", "1", "2", "--set",
+                         *tiny_settings])
+    after = json.loads((again / "result.json").read_text())
+    assert {k: after[k] for k in ("test_loss", "rouge_l", "curve")} == {k: before[k] for k in ("test_loss", "rouge_l", "curve")}
+
+
+@pytest.mark.parametrize("diffs, verdict", [([1.0, 1.2, 0.9], "holds"), ([-1.0, -1.1, -0.9], "contradicted"),
+                                            ([1.0, -1.0, 0.2], "not resolved")])
+def test_paired_verdicts(diffs, verdict):
+    results = [{"config": "skl", "seed": s, "rouge_l": 10 + d} for s, d in enumerate(diffs)]
+    results += [{"config": "fkl", "seed": s, "rouge_l": 10.0} for s in range(3)]
+    assert compare_losses.paired(results, "skl", "fkl", lambda r: r["rouge_l"], True)["verdict"].startswith(verdict)

@@ -16,8 +16,8 @@ Protocol (the paper's, scaled down):
 3. Each final student is scored by `distillm eval` on the test split: cross-entropy on the
    references and ROUGE-L of greedy answers, on --test-examples examples (all 300 by default).
 
-Every finished run keeps its result.json, so an interrupted study continues where it stopped
-(delete the folder to start over). Outputs in --out: results.json (every run), losses.md (the
+Every finished run keeps its result.json and metrics (its weights are deleted once scored), so
+an interrupted study continues where it stopped (delete the folder to start over). Outputs in --out: results.json (every run), losses.md (the
 table and the verdict on each claim), losses.png (means with standard deviations), curves.png.
 """
 
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -86,6 +87,7 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
     run_distillm(["eval", "--model", str(run), "--split", "test", "--output", str(scores),
                   f"eval.num_examples={args.test_examples}"])
     test = json.loads(scores.read_text())
+    shutil.rmtree(run / "checkpoints")  # scored: 21 students would otherwise keep ~5 GB on disk
     evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
     result = {"config": name, "seed": seed, "test_loss": test["val_loss"], "rouge_l": test["rougeL"],
               "test_examples": test["examples"], "curve": [[r["step"], r["val_loss"]] for r in evals],

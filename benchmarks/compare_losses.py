@@ -1,8 +1,8 @@
-"""Which KD loss? DistiLLM's claims in miniature: every loss type, and a gold-only baseline, on the
-built-in default with identical steps, data and evaluation, over several seeds.
+"""Which KD loss, and which schedule? DistiLLM's claims in miniature, on the built-in default
+with identical steps, data and evaluation, over several seeds.
 
-    python benchmarks/compare_losses.py                  # 7 configurations x 3 seeds, ~1.5 h on 2 cores
-    python benchmarks/compare_losses.py --quick          # a smoke test of the whole pipeline
+    python benchmarks/compare_losses.py            # 9 configurations x 3 seeds (see RESULTS.md for the time)
+    python benchmarks/compare_losses.py --quick    # a smoke test of the whole pipeline
 
 Protocol (the paper's, scaled down):
 1. Warm start: the built-in student (the teacher with 18 of its 30 layers removed) is first
@@ -10,15 +10,18 @@ Protocol (the paper's, scaled down):
    The paper starts KD from an SFT student too; without it, a pruned student's first steps are
    repair, and every loss would mostly measure how fast it repairs.
 2. From that student, each configuration trains --steps steps per seed (the seed sets the data
-   order): fkl, rkl, skl, srkl, jsd, tvd (`loss.kd_ratio=1`), and gold (`loss.kd_ratio=0`: more
-   SFT, the baseline KD must beat). The validation loss every --eval-interval steps gives the
-   convergence curves.
+   order and sampling). The loss study: fkl, rkl, skl, srkl, jsd, tvd (`loss.kd_ratio=1`), and
+   gold (`loss.kd_ratio=0`: more SFT, the baseline KD must beat). The schedule study, all skl:
+   sgo.mode off (the skl runs), on_policy and adaptive (the paper's defaults: φ from 0, rising
+   by 0.1 when the validation loss rises by 0.1). The validation loss every --eval-interval
+   steps gives the convergence curves (and feeds the adaptive schedule).
 3. Each final student is scored by `distillm eval` on the test split: cross-entropy on the
    references and ROUGE-L of greedy answers, on --test-examples examples (all 300 by default).
 
 Every finished run keeps its result.json and metrics (its weights are deleted once scored), so
-an interrupted study continues where it stopped (delete the folder to start over). Outputs in --out: results.json (every run), losses.md (the
-table and the verdict on each claim), losses.png (means with standard deviations), curves.png.
+an interrupted study continues where it stopped (delete the folder to start over). Outputs in
+--out: results.json (every run and the summaries), study.md (tables and a verdict per claim),
+losses.png / schedules.png (means with standard deviations) and *_curves.png.
 """
 
 from __future__ import annotations
@@ -40,10 +43,17 @@ from harness import environment  # noqa: E402
 from distillm_ext.recipe.cli import main as distillm  # noqa: E402
 from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 
+LOSSES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 CONFIGURATIONS = {
-    **{loss: [f"loss.type={loss}", "loss.kd_ratio=1"] for loss in ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")},
+    **{loss: [f"loss.type={loss}", "loss.kd_ratio=1"] for loss in LOSSES},
     "gold": ["loss.kd_ratio=0"],
+    # The schedules, all with skl: "skl" above is sgo.mode=off. The buffer holds 8 steps' outputs,
+    # so that it fills, and replay happens, within the run.
+    "skl+on_policy": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=on_policy"],
+    "skl+adaptive": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=adaptive", "sgo.buffer_size=64"],
 }
+LOSS_STUDY = (*LOSSES, "gold")
+SCHEDULE_STUDY = ("skl", "skl+on_policy", "skl+adaptive")
 SKEWED = ("skl", "srkl")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (for paired differences over seeds).
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
@@ -82,16 +92,22 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
                   f"train.seed={seed}", f"train.max_steps={args.steps}", f"eval.interval={args.eval_interval}",
                   f"eval.num_examples={args.curve_examples}", "eval.teacher=false",
                   "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
-    train_s = time.perf_counter() - started
+    wall_s = time.perf_counter() - started
     scores = run / "test_scores.json"
     run_distillm(["eval", "--model", str(run), "--split", "test", "--output", str(scores),
                   f"eval.num_examples={args.test_examples}"])
     test = json.loads(scores.read_text())
-    shutil.rmtree(run / "checkpoints")  # scored: 21 students would otherwise keep ~5 GB on disk
-    evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
+    shutil.rmtree(run / "checkpoints")  # scored: 27 students would otherwise keep ~7 GB on disk
+    records = read_metrics(run)
+    steps = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
     result = {"config": name, "seed": seed, "test_loss": test["val_loss"], "rouge_l": test["rougeL"],
               "test_examples": test["examples"], "curve": [[r["step"], r["val_loss"]] for r in evals],
-              "train_s": train_s}
+              # distilling only (generation included; evaluations and checkpoints not), as bench_sgo
+              "train_s": sum(r["elapsed_s"] for r in steps), "wall_s": wall_s,
+              "phi": [r.get("phi", 0.0) for r in steps],
+              "sources": {kind: sum(r.get("sources", {r["source"]: 1}).get(kind, 0) for r in steps)
+                          for kind in ("dataset", "generate", "replay")}}
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -101,21 +117,30 @@ def mean_val_loss(result: dict) -> float:
     return statistics.mean(loss for step, loss in result["curve"] if step > 0)
 
 
-def summarize(results: list[dict]) -> list[dict]:
+def summarize(results: list[dict], names) -> list[dict]:
     """Per configuration: mean, standard deviation and per-seed values of each score."""
     rows = []
-    for name in CONFIGURATIONS:
+    for name in names:
         mine = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
-        row = {"config": name, "seeds": [r["seed"] for r in mine]}
-        for key, values in (("rouge_l", [r["rouge_l"] for r in mine]), ("test_loss", [r["test_loss"] for r in mine]),
-                            ("curve_loss", [mean_val_loss(r) for r in mine])):
+        row = {"config": name, "seeds": [r["seed"] for r in mine],
+               "phi_final": statistics.mean(r["phi"][-1] for r in mine),
+               "sources": {k: sum(r["sources"][k] for r in mine) for k in mine[0]["sources"]}}
+        for key, measure in MEASURES.items():
+            values = [measure(r) for r in mine]
             row[key] = statistics.mean(values)
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row[f"{key}_seeds"] = values
         rows.append(row)
     return rows
+
+
+MEASURES = {"rouge_l": lambda r: r["rouge_l"], "test_loss": lambda r: r["test_loss"],
+            "curve_loss": mean_val_loss, "train_s": lambda r: r["train_s"]}
+HIGHER_IS_BETTER = {"rouge_l": True, "test_loss": False, "curve_loss": False, "train_s": False}
+LABELS = {"rouge_l": "test ROUGE-L", "test_loss": "test CE", "curve_loss": "mean val loss along training",
+          "train_s": "training seconds"}
 
 
 def paired(results: list[dict], better: str, worse: str, key, higher_is_better: bool) -> dict:
@@ -127,43 +152,57 @@ def paired(results: list[dict], better: str, worse: str, key, higher_is_better: 
     if len(diffs) < 2:
         return {"mean": diffs[0] if diffs else math.nan, "n": len(diffs), "verdict": "too few seeds"}
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean)
+    t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
     significant = abs(t) > T_975.get(len(diffs) - 1, 2.0)
     verdict = ("holds" if mean > 0 else "contradicted") if significant else "not resolved (within seed noise)"
     return {"mean": mean, "sd": sd, "n": len(diffs), "t": t, "verdict": verdict}
 
 
-def claims(results: list[dict]) -> list[str]:
-    """A plain sentence per claim of the paper: SKL/SRKL beat each other loss and gold, on test
-    ROUGE-L and on test CE, and converge faster (lower mean validation loss along the way)."""
+def claims(results: list[dict], comparisons) -> list[str]:
+    """A plain sentence per (better, worse, measure) claim, with its paired verdict."""
     lines = []
-    measures = (("ROUGE-L", lambda r: r["rouge_l"], True), ("test CE", lambda r: r["test_loss"], False),
-                ("mean val loss along training", mean_val_loss, False))
-    for skewed in SKEWED:
-        for other in CONFIGURATIONS:
-            if other in SKEWED:
-                continue
-            for label, key, higher in measures:
-                p = paired(results, skewed, other, key, higher)
-                if p["n"]:
-                    lines.append(f"{skewed} better than {other} on {label}: {p['verdict']} "
-                                 f"(advantage {p['mean']:+.3f}, sd {p.get('sd', math.nan):.3f} over {p['n']} seeds)")
+    for better, worse, keys in comparisons:
+        for key in keys:
+            p = paired(results, better, worse, MEASURES[key], HIGHER_IS_BETTER[key])
+            if p["n"]:
+                lines.append(f"{better} better than {worse} on {LABELS[key]}: {p['verdict']} "
+                             f"(advantage {p['mean']:+.3f}, sd {p.get('sd', math.nan):.3f} over {p['n']} seeds)")
     return lines
 
 
-def markdown(rows: list[dict], statements: list[str], meta: dict) -> str:
-    lines = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", "",
-             "| configuration | test ROUGE-L | test CE (nats/token) | mean val loss (convergence) | ROUGE-L per seed |",
-             "| --- | --- | --- | --- | --- |"]
+def loss_claims(results: list[dict]) -> list[str]:
+    """The paper: SKL and SRKL beat the other losses (and SFT) and converge faster."""
+    return claims(results, [(skewed, other, ("rouge_l", "test_loss", "curve_loss"))
+                            for skewed in SKEWED for other in LOSS_STUDY if other not in SKEWED])
+
+
+def schedule_claims(results: list[dict]) -> list[str]:
+    """The paper: adaptive SGOs beat plain KD and match on-policy at a fraction of its time."""
+    return claims(results, [("skl+adaptive", "skl", ("rouge_l", "test_loss")),
+                            ("skl+adaptive", "skl+on_policy", ("rouge_l", "test_loss", "train_s")),
+                            ("skl+on_policy", "skl", ("rouge_l", "test_loss"))])
+
+
+def markdown(title: str, rows: list[dict], statements: list[str], schedules: bool) -> str:
+    extra = " | training s | φ at the end | steps data/generate/replay" if schedules else ""
+    lines = [f"### {title}", "",
+             f"| configuration | test ROUGE-L | test CE (nats/token) | mean val loss (convergence){extra} | "
+             f"ROUGE-L per seed |", "| --- " * (5 + 3 * schedules) + "|"]
     for row in rows:
         per_seed = ", ".join(f"{v:.2f}" for v in row["rouge_l_seeds"])
-        lines.append(f"| {row['config']} | {row['rouge_l']:.2f} ± {row['rouge_l_sd']:.2f} | "
-                     f"{row['test_loss']:.4f} ± {row['test_loss_sd']:.4f} | "
-                     f"{row['curve_loss']:.4f} ± {row['curve_loss_sd']:.4f} | {per_seed} |")
+        cells = [row["config"], f"{row['rouge_l']:.2f} ± {row['rouge_l_sd']:.2f}",
+                 f"{row['test_loss']:.4f} ± {row['test_loss_sd']:.4f}",
+                 f"{row['curve_loss']:.4f} ± {row['curve_loss_sd']:.4f}"]
+        if schedules:
+            sources = row["sources"]
+            cells += [f"{row['train_s']:.0f} ± {row['train_s_sd']:.0f}", f"{row['phi_final']:.2f}",
+                      f"{sources['dataset']}/{sources['generate']}/{sources['replay']}"]
+        lines.append("| " + " | ".join(cells + [per_seed]) + " |")
     return "\n".join(lines + ["", "Claims (paired over seeds, 95%):", ""] + [f"- {s}" for s in statements]) + "\n"
 
 
-def plot(rows: list[dict], results: list[dict], out: Path) -> None:
+def plot(rows: list[dict], results: list[dict], out: Path, name: str) -> None:
+    """{name}.png: means with standard deviations; {name}_curves.png: validation loss by step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,28 +215,46 @@ def plot(rows: list[dict], results: list[dict], out: Path) -> None:
         axis.bar(names, [r[key] for r in rows], yerr=[r[f"{key}_sd"] for r in rows], capsize=4,
                  color=["C1" if n in SKEWED else "C7" if n == "gold" else "C0" for n in names])
         axis.set_title(title)
+        axis.tick_params(axis="x", labelrotation=20)
         low = min(r[key] - r[f"{key}_sd"] for r in rows)
         axis.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
     figure.tight_layout()
-    figure.savefig(out / "losses.png", dpi=120)
+    figure.savefig(out / f"{name}.png", dpi=120)
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for index, name in enumerate(names):
-        curves = [r["curve"] for r in results if r["config"] == name]
+    for index, config in enumerate(names):
+        curves = [r["curve"] for r in results if r["config"] == config]
         steps = [step for step, _ in curves[0]]
         axis.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], "o-",
-                  label=name, color=f"C{index}")
+                  label=config, color=f"C{index}")
     axis.set_xlabel("step")
     axis.set_ylabel("validation CE (mean over seeds)")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out / "curves.png", dpi=120)
+    figure.savefig(out / f"{name}_curves.png", dpi=120)
     plt.close("all")
+
+
+def report(results: list[dict], meta: dict, out: Path) -> str:
+    """results.json, study.md and the charts of both studies (each only if any of its runs ran)."""
+    sections, summary = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", ""], {}
+    for name, title, names, statements in (("losses", "Which loss?", LOSS_STUDY, loss_claims),
+                                           ("schedules", "Which schedule? (all skl)", SCHEDULE_STUDY, schedule_claims)):
+        rows = summarize(results, names)
+        if rows:
+            summary[name] = rows
+            sections.append(markdown(title, rows, statements(results), schedules=name == "schedules"))
+            plot(rows, results, out, name)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "studies": summary, "runs": results}, indent=1) + "\n")
+    text = "\n".join(sections)
+    (out / "study.md").write_text(text)
+    return text
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS),
+                        help="default: all (the loss study, then the schedule study)")
     parser.add_argument("--warm-start-steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-interval", type=int, default=10)
@@ -222,13 +279,9 @@ def main(argv=None) -> None:
             r = results[-1]
             print(f"{name:>5} seed {seed}: ROUGE-L {r['rouge_l']:.2f}, test CE {r['test_loss']:.4f}, "
                   f"mean val loss {mean_val_loss(r):.4f}", flush=True)
-    rows, statements = summarize(results), claims(results)
     command = " ".join(["python benchmarks/compare_losses.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {**environment(), "machine": machine(), "command": command, **{k: str(v) for k, v in vars(args).items()}}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1) + "\n")
-    (args.out / "losses.md").write_text(markdown(rows, statements, meta))
-    plot(rows, results, args.out)
-    print((args.out / "losses.md").read_text())
+    print(report(results, meta, args.out))
 
 
 if __name__ == "__main__":

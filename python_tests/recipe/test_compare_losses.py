@@ -18,11 +18,17 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
     compare_losses.main(["--quick", "--out", str(out), "--set", *tiny_settings])
     report = json.loads((out / "results.json").read_text())
     assert len(report["runs"]) == 2 * len(compare_losses.CONFIGURATIONS)
-    assert [row["config"] for row in report["rows"]] == list(compare_losses.CONFIGURATIONS)
+    assert [row["config"] for row in report["studies"]["losses"]] == list(compare_losses.LOSS_STUDY)
+    assert [row["config"] for row in report["studies"]["schedules"]] == list(compare_losses.SCHEDULE_STUDY)
     assert all(run["test_examples"] == 8 and [s for s, _ in run["curve"]] == [0, 2, 3] for run in report["runs"])
-    table = (out / "losses.md").read_text()
-    assert "| srkl |" in table and "skl better than fkl on ROUGE-L:" in table
-    assert (out / "losses.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    by_config = {run["config"]: run for run in report["runs"]}
+    assert by_config["skl+on_policy"]["sources"] == {"dataset": 0, "generate": 3, "replay": 0}
+    assert by_config["skl"]["sources"]["dataset"] == 3 and by_config["skl"]["phi"] == [0.0] * 3
+    table = (out / "study.md").read_text()
+    assert "| srkl |" in table and "skl better than fkl on test ROUGE-L:" in table
+    assert "skl+adaptive better than skl+on_policy on training seconds:" in table
+    for chart in ("losses.png", "losses_curves.png", "schedules.png", "schedules_curves.png"):
+        assert (out / chart).stat().st_size > 10_000, chart
     # A finished run is reused; one run again from scratch gives the same numbers.
     again = out / "srkl-2"
     before = json.loads((again / "result.json").read_text())

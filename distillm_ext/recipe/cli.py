@@ -79,18 +79,9 @@ def find_checkpoint(path: str) -> tuple[Optional[Path], Optional[Path]]:
     return None, None
 
 
-def eval_config(args):
-    """The defaults, then the run's own config.json (for a run or a checkpoint), then --config,
-    then the overrides."""
-    files = [args.config] if args.config else []
-    if args.model not in ("teacher", "student"):
-        _, run_dir = find_checkpoint(args.model)
-        if run_dir is not None:
-            files.insert(0, str(run_dir / "config.json"))
-    return load_config(files, args.overrides)
-
-
-def run_eval(args, config) -> dict:
+def run_eval(args) -> dict:
+    """Scores --model. For a run or one of its checkpoints the config is the run's own
+    config.json, then --config, then the overrides; otherwise the default, --config, overrides."""
     import torch
 
     from .checkpoint import read_info
@@ -98,6 +89,9 @@ def run_eval(args, config) -> dict:
     from .evaluate import evaluate
     from .models import load_causal_lm, load_student, load_teacher
 
+    checkpoint, run_dir = (None, None) if args.model in ("teacher", "student") else find_checkpoint(args.model)
+    files = [str(run_dir / "config.json")] if run_dir else []
+    config = load_config(files + ([args.config] if args.config else []), args.overrides)
     if args.model in ("teacher", "student"):
         model, tokenizer = load_teacher(config.teacher.path)
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -105,7 +99,6 @@ def run_eval(args, config) -> dict:
             model = load_student(config.student.path, config.student.keep_layers, model, tokenizer)
             vocab_size = min(vocab_size, model.get_output_embeddings().weight.shape[0])
     else:  # the teacher is not needed, nor loaded
-        checkpoint, _ = find_checkpoint(args.model)
         model, tokenizer = load_causal_lm(str(checkpoint / "model" if checkpoint else args.model), "--model")
         # A checkpoint knows the vocabulary it was distilled on (the teacher's may be smaller).
         vocab_size = read_info(checkpoint)["vocab_size"] if checkpoint else model.get_output_embeddings().weight.shape[0]
@@ -158,7 +151,7 @@ def main(argv=None) -> int:
             print(results_table(summary))
             print(f"run directory: {config.output.dir}")
         else:
-            result = run_eval(args, eval_config(args))
+            result = run_eval(args)
             print(json.dumps(result, indent=2))
             if args.output:
                 Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

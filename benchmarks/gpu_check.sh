@@ -1,33 +1,57 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (no network; torch preinstalled there): build from source,
-# run the test suite on CUDA, run the benchmark, and leave the results in $OUT.
+# The checks for a lent GPU machine (no network; torch preinstalled there), in steps that each
+# fit one short device call, most important first:
+#
+#   bash benchmarks/gpu_check.sh build     # build from source for sm_90 (reused by later steps)
+#   bash benchmarks/gpu_check.sh tests     # the test suite, CUDA included
+#   bash benchmarks/gpu_check.sh target    # the target row alone: skew_kl fwd+bwd, bf16, 8192x128256
+#   bash benchmarks/gpu_check.sh rest      # replay buffer and the remaining benchmark shapes
+#   bash benchmarks/gpu_check.sh all       # all four, in that order
+#
+# Results land in $OUT (default /tmp/distillm_gpu_check). Bandwidth is reported as a fraction
+# of the copy bandwidth measured on the same device, not of a datasheet figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/distillm_gpu_check}
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-echo "== build (sm_90) =="
-TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=$(nproc) python -m pip install --no-build-isolation --no-deps -e . \
-  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python -c "import distillm_ext; print(distillm_ext.build_info())" | tee -a "$OUT/gpu.txt"
+build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+  TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=$(nproc) python -m pip install --no-build-isolation --no-deps -e . \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  python -c "import distillm_ext; print(distillm_ext.build_info())" | tee -a "$OUT/gpu.txt"
+}
 
-echo "== tests (CPU and CUDA; the trainer tests train tiny models on the GPU, bf16) =="
-IGNORE=()
-if ! python -c "import transformers, datasets, rouge_score, matplotlib" 2>/dev/null; then
-  echo "trainer dependencies missing on this machine (no network): skipping python_tests/recipe"
-  IGNORE+=(--ignore python_tests/recipe)
-fi
-# A failing test must not cost the benchmark run: report and go on.
-python -m pytest -q python_tests -m "not slow" "${IGNORE[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -15 \
-  || echo "TESTS FAILED (see $OUT/tests.txt)"
+tests() {
+  local ignore=()
+  if ! python -c "import transformers, datasets, rouge_score, matplotlib" 2>/dev/null; then
+    echo "trainer dependencies missing on this machine (no network): skipping python_tests/recipe"
+    ignore+=(--ignore python_tests/recipe)
+  fi
+  # A failing test must not cost the benchmark steps: report and go on.
+  python -m pytest -q python_tests -m "not slow" "${ignore[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -15 \
+    || echo "TESTS FAILED (see $OUT/tests.txt)"
+}
 
-echo "== replay buffer: microseconds per call, host syncs (CPU and CUDA) =="
-python benchmarks/bench_replay.py --reps 300 --rounds 3 --json "$OUT/bench_replay.json" 2>&1 | tee "$OUT/bench_replay.txt" \
-  || echo "REPLAY BENCHMARK FAILED"
+target() {
+  python benchmarks/bench_skew_kl.py --devices cuda --shapes 8192x128256 --dtypes bfloat16 --impls fused eager \
+    --warmup 3 --reps 10 --out "$OUT/bench_target.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_target.txt"
+}
 
-echo "== benchmark (CUDA) =="
-python benchmarks/bench_skew_kl.py --devices cuda --warmup 3 --reps 10 --out "$OUT/bench_skew_kl.json" \
-  2>&1 | grep -v -i warn | tee "$OUT/bench.txt"
+rest() {
+  python benchmarks/bench_replay.py --reps 300 --rounds 3 --json "$OUT/bench_replay.json" 2>&1 \
+    | tee "$OUT/bench_replay.txt" || echo "REPLAY BENCHMARK FAILED"
+  python benchmarks/bench_skew_kl.py --devices cuda --shapes 2048x32000 4096x50257 --warmup 3 --reps 10 \
+    --out "$OUT/bench_skew_kl.json" 2>&1 | grep -v -i warn | tee "$OUT/bench.txt"
+}
+
+case "${1:-all}" in
+  build) build ;;
+  tests) tests ;;
+  target) target ;;
+  rest) rest ;;
+  all) build; tests; target; rest ;;
+  *) echo "usage: $0 [build|tests|target|rest|all]" >&2; exit 2 ;;
+esac

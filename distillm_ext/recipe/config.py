@@ -348,6 +348,8 @@ def validate(config: Config) -> None:
     require(config.output.log_interval > 0, "output.log_interval", "> 0")
     require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
     require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")
+    if config.train.max_steps:  # else the trainer checks, once it knows the epoch length
+        check_adaptive_can_engage(config, config.train.max_steps)
 
 
 def check_adaptive_can_engage(config: Config, total_steps: int) -> None:

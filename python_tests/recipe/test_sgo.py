@@ -179,13 +179,16 @@ def test_bad_sgo_config_is_a_clear_error(override, message):
     ("first_validation", 9, False), ("first_validation", 4, True),
 ])
 def test_adaptive_that_can_never_engage_is_an_error(first_reference, interval, engages):
-    config = load_config(None, ["sgo.mode=adaptive", f"eval.interval={interval}",
-                                f"sgo.first_reference={first_reference}"])
+    settings = ["sgo.mode=adaptive", f"eval.interval={interval}", f"sgo.first_reference={first_reference}"]
+    config = load_config(None, [*settings, "train.max_steps=0"])  # epochs: the trainer checks, knowing their length
     if engages:
         check_adaptive_can_engage(config, total_steps=10)
+        load_config(None, [*settings, "train.max_steps=10"])
     else:
         with pytest.raises(ConfigError, match="sgo.init_threshold' must be > 0 .* phi cannot rise"):
             check_adaptive_can_engage(config, total_steps=10)
+        with pytest.raises(ConfigError, match="phi cannot rise"):  # with max_steps, before any model loads
+            load_config(None, [*settings, "train.max_steps=10"])
     config.sgo.init_threshold = 0.2  # phi > 0 from the start: always engages
     check_adaptive_can_engage(config, total_steps=10)
 

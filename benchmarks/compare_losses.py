@@ -240,7 +240,7 @@ def report(results: list[dict], meta: dict, out: Path) -> str:
     for name, title, names, statements in (("losses", "Which loss?", LOSS_STUDY, loss_claims),
                                            ("schedules", "Which schedule? (all skl)", SCHEDULE_STUDY, schedule_claims)):
         rows = summarize(results, names)
-        if rows:
+        if len(rows) > 1:  # a study of one configuration (skl alone, shared) compares nothing
             summary[name] = rows
             sections.append(markdown(title, rows, statements(results), schedules=name == "schedules"))
             plot(rows, results, out, name)

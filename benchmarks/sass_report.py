@@ -177,8 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--loops", action="store_true", help="also list every per-entry loop")
     args = parser.parse_args(argv)
     student, teacher = (DTYPE_NAMES[d] for d in args.dtypes)
-    print(f"| arch | variant | SASS instructions per entry | per-entry loops (instr. / entries per iteration) "
-          f"| registers | spill bytes |\n| --- | --- | --- | --- | --- | --- |")
+    print("| arch | variant | SASS instructions per entry | per-entry loops (instr. / entries per iteration) "
+          "| registers | spill bytes |\n| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for arch in args.arch:
             chosen = [k for k in kernels(arch, Path(folder)) if (k.student, k.teacher) == (student, teacher)]

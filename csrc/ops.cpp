@@ -18,6 +18,34 @@ TORCH_LIBRARY(distillm, m) {
       "float alpha, bool reverse, float temperature, int ignore_index, bool compute_grad, "
       "float grad_scale=1.0) -> (Tensor row_loss, Tensor grad)");
 
+  // The same losses from the final hidden states and the output embeddings (vocabulary rows
+  // 0..min(Vs, Vt)-1), a chunk of positions at a time, never building [positions, V] logits.
+  // Positions labelled ignore_index are skipped before any GEMM. Differentiable with respect to
+  // student_hidden, student_weight and student_bias. chunk_size 0 = automatic.
+  m.def(
+      "fused_linear_skew_kl(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
+      "Tensor teacher_weight, Tensor? labels=None, Tensor? student_bias=None, "
+      "Tensor? teacher_bias=None, *, float alpha=0.1, bool reverse=False, float temperature=1.0, "
+      "int ignore_index=-100, str reduction=\"mean\", int chunk_size=0) -> Tensor");
+  // Any loss type (fkl, rkl, skl, sfkl, srkl, jsd, tvd) and cross-entropy on the labels, from
+  // the same chunk logits: (kd_ratio * KD + (1 - kd_ratio) * CE, KD, CE). Only the first output
+  // is differentiable; CE is 0 when kd_ratio == 1 (not computed).
+  m.def(
+      "fused_linear_kd(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
+      "Tensor teacher_weight, Tensor? labels=None, Tensor? student_bias=None, "
+      "Tensor? teacher_bias=None, *, str loss=\"skl\", float alpha=0.1, float beta=0.5, "
+      "float temperature=1.0, float kd_ratio=1.0, int ignore_index=-100, str reduction=\"mean\", "
+      "int chunk_size=0) -> (Tensor loss, Tensor kd, Tensor ce)");
+  // Per-position KD and CE (float32, leading shape) and, for the inputs grad_mask names
+  // (hidden, weight, bias), the gradients of sum over positions of
+  // grad_scale * row_scale * (kd_ratio * KD + (1 - kd_ratio) * CE); empty tensors otherwise.
+  m.def(
+      "_fused_linear_kd_forward(Tensor student_hidden, Tensor student_weight, "
+      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? labels, Tensor? student_bias, "
+      "Tensor? teacher_bias, str loss, float alpha, float beta, float temperature, float kd_ratio, "
+      "int ignore_index, int chunk_size, bool[3] grad_mask, float grad_scale, Tensor? row_scale) "
+      "-> (Tensor kd_rows, Tensor ce_rows, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   // Replay buffer of student-generated sequences (csrc/replay/replay_math.h has the layout).
   // No keyword-only arguments: they cost microseconds per call to parse, the ops' whole budget.
   // Writes a batch of right-padded sequences into the FIFO ring, evicting the oldest entries.

@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <tuple>
 
 namespace distillm {
 
@@ -16,5 +17,15 @@ at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_l
                    const std::optional<at::Tensor>& labels = std::nullopt, double alpha = 0.1,
                    bool reverse = false, double temperature = 1.0, int64_t ignore_index = -100,
                    c10::string_view reduction = "mean");
+
+// The building block of skew_kl (torch.ops.distillm._skew_kl_forward): the float32 loss per
+// position and, if compute_grad, grad_scale * d(loss_row)/d(student_logits) in the student's
+// dtype and shape (an empty tensor otherwise). Not differentiable itself.
+std::tuple<at::Tensor, at::Tensor> skew_kl_rows(const at::Tensor& student_logits,
+                                                const at::Tensor& teacher_logits,
+                                                const std::optional<at::Tensor>& labels,
+                                                double alpha, bool reverse, double temperature,
+                                                int64_t ignore_index, bool compute_grad,
+                                                double grad_scale);
 
 }  // namespace distillm

@@ -11,78 +11,19 @@
 #include "skew_kl.h"
 
 #include <ATen/ATen.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
+
+#include "reduction.h"
 
 namespace distillm {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-enum class Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
-
-Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::kMean;
-  if (reduction == "sum") return Reduction::kSum;
-  if (reduction == "none") return Reduction::kNone;
-  TORCH_CHECK_VALUE(false, "skew_kl: reduction must be 'mean', 'sum' or 'none', got '",
-                    std::string(reduction), "'");
-}
-
-std::tuple<at::Tensor, at::Tensor> skew_kl_forward(const at::Tensor& student,
-                                                   const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& labels,
-                                                   double alpha, bool reverse, double temperature,
-                                                   int64_t ignore_index, bool compute_grad,
-                                                   double grad_scale) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("distillm::_skew_kl_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&, double, bool,
-                                                    double, int64_t, bool, double)>();
-  return op.call(student, teacher, labels, alpha, reverse, temperature, ignore_index, compute_grad,
-                 grad_scale);
-}
-
-// Number of positions that count for "mean": a 0-dim float tensor on the loss device, so that
-// nothing waits for the device. Clamped to 1: no valid position gives a 0 loss, not NaN.
-at::Tensor valid_count(const at::Tensor& row_loss, const std::optional<at::Tensor>& labels,
-                       int64_t ignore_index) {
-  at::Tensor valid = labels.has_value() ? labels->ne(ignore_index) : at::ones_like(row_loss);
-  return valid.sum(at::kFloat).clamp_min(1.0);
-}
-
-at::Tensor reduce(const at::Tensor& row_loss, const at::Tensor& count, Reduction reduction) {
-  switch (reduction) {
-    case Reduction::kMean: return row_loss.sum() / count;
-    case Reduction::kSum: return row_loss.sum();
-    case Reduction::kNone: return row_loss;
-  }
-  TORCH_CHECK(false, "skew_kl: unknown reduction code ", static_cast<int64_t>(reduction));
-}
-
-// A plain CPU tensor, whose values can be read now: not CUDA (reading waits for the device),
-// not a fake or functional tensor of torch.compile's tracing (it has no values).
-bool holds_host_data(const at::Tensor& t) { return t.is_cpu() && !at::isTensorSubclassLike(t); }
-
-double host_valid_count(const at::Tensor& student, const std::optional<at::Tensor>& labels,
-                        int64_t ignore_index) {
-  const int64_t rows = student.size(-1) == 0 ? 0 : student.numel() / student.size(-1);
-  const int64_t valid = labels.has_value() ? labels->ne(ignore_index).sum().item<int64_t>() : rows;
-  return static_cast<double>(std::max<int64_t>(valid, 1));
-}
-
-// The incoming gradient is exactly 1, read without waiting for a device.
-bool is_exactly_one_on_cpu(const at::Tensor& grad_output) {
-  return holds_host_data(grad_output) && grad_output.numel() == 1 && grad_output.item<double>() == 1.0;
-}
 
 class SkewKLFunction : public torch::autograd::Function<SkewKLFunction> {
  public:
@@ -93,8 +34,9 @@ class SkewKLFunction : public torch::autograd::Function<SkewKLFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool mean_in_kernel = compute_grad && reduction == Reduction::kMean &&
                                 holds_host_data(student) && (!labels || holds_host_data(*labels));
-    const double grad_scale = mean_in_kernel ? 1.0 / host_valid_count(student, labels, ignore_index) : 1.0;
-    auto [row_loss, grad] = skew_kl_forward(student, teacher, labels, alpha, reverse, temperature,
+    const int64_t rows = student.numel() / std::max<int64_t>(student.size(-1), 1);
+    const double grad_scale = mean_in_kernel ? 1.0 / host_valid_count(rows, labels, ignore_index) : 1.0;
+    auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
                                             ignore_index, compute_grad, grad_scale);
     at::Tensor count;
     if (reduction == Reduction::kMean) count = valid_count(row_loss, labels, ignore_index);
@@ -143,21 +85,37 @@ at::Tensor skew_kl_autograd(const at::Tensor& student, const at::Tensor& teacher
   // The gradient costs a write of the logits' size: compute it only when it will be used.
   const bool compute_grad = at::GradMode::is_enabled() && student.requires_grad();
   return SkewKLFunction::apply(student, teacher, labels, alpha, reverse, temperature, ignore_index,
-                               parse_reduction(reduction), compute_grad);
+                               parse_reduction("skew_kl", reduction), compute_grad);
 }
 
 // Below autograd (inference mode, fake tensors, or after the autograd kernel): loss only.
 at::Tensor skew_kl_no_grad(const at::Tensor& student, const at::Tensor& teacher,
                            const std::optional<at::Tensor>& labels, double alpha, bool reverse,
                            double temperature, int64_t ignore_index, c10::string_view reduction) {
-  const Reduction r = parse_reduction(reduction);
-  auto [row_loss, grad] = skew_kl_forward(student, teacher, labels, alpha, reverse, temperature,
+  const Reduction r = parse_reduction("skew_kl", reduction);
+  auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
                                           ignore_index, /*compute_grad=*/false, /*grad_scale=*/1.0);
   const at::Tensor count = r == Reduction::kMean ? valid_count(row_loss, labels, ignore_index) : at::Tensor();
   return reduce(row_loss, count, r);
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> skew_kl_rows(const at::Tensor& student,
+                                                   const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels,
+                                                   double alpha, bool reverse, double temperature,
+                                                   int64_t ignore_index, bool compute_grad,
+                                                   double grad_scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("distillm::_skew_kl_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, double, bool,
+                                                    double, int64_t, bool, double)>();
+  return op.call(student, teacher, labels, alpha, reverse, temperature, ignore_index, compute_grad,
+                 grad_scale);
+}
 
 at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                    const std::optional<at::Tensor>& labels, double alpha, bool reverse,

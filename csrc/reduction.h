@@ -1,0 +1,56 @@
+// Reductions of a per-position loss, shared by the ops' autograd glue: parsing the `reduction`
+// argument, and the host-side facts that let a kernel fold the mean's 1/count into its gradient.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/TensorSubclassLikeUtils.h>
+
+#include <string>
+
+namespace distillm {
+
+enum class Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+
+inline Reduction parse_reduction(const char* op, c10::string_view reduction) {
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "none") return Reduction::kNone;
+  TORCH_CHECK_VALUE(false, op, ": reduction must be 'mean', 'sum' or 'none', got '",
+                    std::string(reduction), "'");
+}
+
+// A plain CPU tensor, whose values can be read now: not CUDA (reading waits for the device),
+// not a fake or functional tensor of torch.compile's tracing (it has no values).
+inline bool holds_host_data(const at::Tensor& t) {
+  return t.is_cpu() && !at::isTensorSubclassLike(t);
+}
+
+// The incoming gradient is exactly 1, read without waiting for a device.
+inline bool is_exactly_one_on_cpu(const at::Tensor& grad_output) {
+  return holds_host_data(grad_output) && grad_output.numel() == 1 && grad_output.item<double>() == 1.0;
+}
+
+// Number of positions that count for "mean": a 0-dim float tensor on the loss device, so that
+// nothing waits for the device. Clamped to 1: no valid position gives a 0 loss, not NaN.
+inline at::Tensor valid_count(const at::Tensor& row_loss, const std::optional<at::Tensor>& labels,
+                              int64_t ignore_index) {
+  at::Tensor valid = labels.has_value() ? labels->ne(ignore_index) : at::ones_like(row_loss);
+  return valid.sum(at::kFloat).clamp_min(1.0);
+}
+
+// The same count on the host, for kernels that fold 1/count into the gradient they write.
+inline double host_valid_count(int64_t rows, const std::optional<at::Tensor>& labels, int64_t ignore_index) {
+  const int64_t valid = labels.has_value() ? labels->ne(ignore_index).sum().item<int64_t>() : rows;
+  return static_cast<double>(std::max<int64_t>(valid, 1));
+}
+
+inline at::Tensor reduce(const at::Tensor& row_loss, const at::Tensor& count, Reduction reduction) {
+  switch (reduction) {
+    case Reduction::kMean: return row_loss.sum() / count;
+    case Reduction::kSum: return row_loss.sum();
+    case Reduction::kNone: return row_loss;
+  }
+  TORCH_CHECK(false, "unknown reduction code ", static_cast<int64_t>(reduction));
+}
+
+}  // namespace distillm

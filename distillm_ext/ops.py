@@ -50,6 +50,78 @@ def skew_kl(
         temperature=temperature, ignore_index=ignore_index, reduction=reduction)
 
 
+def fused_linear_skew_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float = 0.1,
+    reverse: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """skew_kl of the logits `hidden @ weight[:V].T (+ bias[:V])`, without ever building them.
+
+    V = min(Vs, Vt): vocabularies padded to different sizes share their first rows. Positions
+    are processed `chunk_size` at a time (0: automatic, about the hidden states' size of
+    float32 workspace); positions labelled `ignore_index` are skipped before any matmul.
+    Logits are float32 whatever the input dtype.
+
+    Args:
+        student_hidden: (..., Hs) final (normed) hidden states; gets a gradient.
+        student_weight: (Vs, Hs) output embedding, the dtype of student_hidden; gets a gradient.
+        teacher_hidden: (..., Ht) and teacher_weight (Vt, Ht): constants.
+        labels: optional (...) integer tensor, as for skew_kl.
+        student_bias, teacher_bias: optional (Vs,) / (Vt,) output biases; the student's gets a
+            gradient.
+        alpha, reverse, temperature, ignore_index, reduction: as for skew_kl.
+
+    Returns:
+        float32 loss: a scalar, or shape (...) for reduction="none".
+    """
+    return torch.ops.distillm.fused_linear_skew_kl(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, alpha=alpha, reverse=reverse, temperature=temperature,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    *,
+    loss: str = "skl",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any DistiLLM loss type, and cross-entropy on the labels, from hidden states and output
+    embeddings (see fused_linear_skew_kl), both from the same chunk logits.
+
+    `loss` is a type of make_loss (fkl, rkl, skl, sfkl, srkl, jsd, tvd), with its alpha or beta.
+    Returns (kd_ratio * KD + (1 - kd_ratio) * CE, KD, CE), each float32 and reduced alike. Only
+    the first is differentiable; CE needs labels when kd_ratio < 1, and is 0 when kd_ratio == 1.
+    """
+    return torch.ops.distillm.fused_linear_kd(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, loss=loss, alpha=alpha, beta=beta, temperature=temperature, kd_ratio=kd_ratio,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
+
+
 def release_cached_gradients() -> int:
     """Frees the memory skew_kl keeps for reuse, and returns how many bytes that was.
 

@@ -88,3 +88,38 @@ def tvd_reference(student_logits, teacher_logits, labels=None, *, temperature=1.
     dropped = torch.isneginf(student_logits) | torch.isneginf(teacher_logits)
     terms = torch.where(dropped, torch.zeros_like(p), 0.5 * (p - q).abs())
     return _reduce(terms.sum(-1), labels, ignore_index, reduction)
+
+
+def fused_linear_kd_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                              student_bias=None, teacher_bias=None, *, loss="skl", alpha=0.1, beta=0.5,
+                              temperature=1.0, kd_ratio=1.0, ignore_index=-100, reduction="mean", chunk_size=0):
+    """distillm_ext.fused_linear_kd the straightforward way: materialize both logits over the
+    shared vocabulary V = min(Vs, Vt), then the loss references and cross-entropy. Computed in
+    the inputs' dtype promoted to at least float32. Returns (loss, kd, ce). chunk_size is
+    accepted for the same signature, and unused: there are no chunks here."""
+    dtype = _default_compute_dtype(student_hidden, teacher_hidden)
+    vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+
+    def logits(hidden, weight, bias):
+        z = hidden.to(dtype) @ weight[:vocab].to(dtype).T
+        return z if bias is None else z + bias[:vocab].to(dtype)
+
+    z = logits(student_hidden, student_weight, student_bias)
+    u = logits(teacher_hidden, teacher_weight, teacher_bias)
+    common = dict(temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+    if loss in ("fkl", "rkl", "skl", "sfkl", "srkl"):
+        kd = skew_kl_reference(z, u, labels, alpha=alpha if loss in ("skl", "sfkl", "srkl") else 0.0,
+                               reverse=loss in ("rkl", "srkl"), **common)
+    elif loss == "jsd":
+        kd = jsd_reference(z, u, labels, beta=beta, **common)
+    elif loss == "tvd":
+        kd = tvd_reference(z, u, labels, **common)
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    if kd_ratio == 1.0:
+        return kd, kd.detach(), torch.zeros_like(kd)
+    targets = labels.masked_fill(labels == ignore_index, 0)
+    ce_rows = F.cross_entropy(z.flatten(0, -2), targets.flatten(), reduction="none").view(labels.shape)
+    ce = _reduce(ce_rows, labels, ignore_index, reduction)
+    mixed = ce if kd_ratio == 0.0 else kd_ratio * kd + (1 - kd_ratio) * ce
+    return mixed, kd.detach(), ce.detach()

@@ -77,6 +77,8 @@ void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_we
                 "_hidden must have at least one dimension (the hidden size), got a scalar");
     TORCH_CHECK(m.weight.dim() == 2, kOp, ": ", m.name, "_weight must be a (vocabulary, hidden) "
                 "matrix, got shape ", m.weight.sym_sizes());
+    TORCH_CHECK(m.weight.sym_size(0) != 0, kOp, ": the vocabulary is empty: ", m.name,
+                "_weight has no rows (shape ", m.weight.sym_sizes(), ")");
     TORCH_CHECK(m.weight.sym_size(1) == m.hidden.sym_size(-1), kOp, ": ", m.name,
                 "_weight has hidden size ", m.weight.sym_size(1), " (shape ", m.weight.sym_sizes(),
                 ") but ", m.name, "_hidden has ", m.hidden.sym_size(-1), " (shape ",
@@ -107,9 +109,6 @@ void check_inputs(const at::Tensor& student_hidden, const at::Tensor& student_we
   TORCH_CHECK(teacher_hidden.sym_sizes().slice(0, teacher_hidden.dim() - 1) == leading, kOp,
               ": student_hidden and teacher_hidden must cover the same positions (the same leading "
               "shape), got ", student_hidden.sym_sizes(), " and ", teacher_hidden.sym_sizes());
-  TORCH_CHECK(student_weight.sym_size(0) != 0 && teacher_weight.sym_size(0) != 0, kOp,
-              ": the vocabulary is empty: student_weight has ", student_weight.sym_size(0),
-              " rows and teacher_weight ", teacher_weight.sym_size(0), "; need at least one each");
   if (labels.has_value()) {
     const at::Tensor& l = *labels;
     TORCH_CHECK(at::isIntegralType(l.scalar_type(), /*includeBool=*/false), kOp,
@@ -193,8 +192,10 @@ class OutputLayer {
 std::tuple<at::Tensor, at::Tensor> skew_rows(const at::Tensor& z, const at::Tensor& u, double alpha,
                                              bool reverse, double temperature, bool compute_grad,
                                              double weight) {
-  return skew_kl_rows(z, u, std::nullopt, alpha, reverse, temperature, /*ignore_index=*/-100,
-                      compute_grad && weight != 0.0, weight);
+  const bool with_grad = compute_grad && weight != 0.0;
+  auto [rows, g] = skew_kl_rows(z, u, std::nullopt, alpha, reverse, temperature, /*ignore_index=*/-100,
+                                with_grad, weight);
+  return {rows, with_grad ? g : at::Tensor()};  // the kernel returns an empty tensor for none
 }
 
 // 0.5 sum_v |p_v - q_v|, entries with a -inf logit counting 0 (as losses.TotalVariation), and
@@ -263,12 +264,12 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 Outputs allocate_outputs(const at::Tensor& student_hidden, const at::Tensor& student_weight,
                          const std::optional<at::Tensor>& student_bias, std::array<bool, 3> grad_mask) {
   const auto rows_options = student_hidden.options().dtype(at::kFloat);
-  const auto none = at::empty({0}, student_hidden.options());
+  const auto none = [&] { return at::empty({0}, student_hidden.options()); };  // distinct: no aliases
   return {at::zeros_symint(leading_shape(student_hidden), rows_options),
           at::zeros_symint(leading_shape(student_hidden), rows_options),
-          grad_mask[0] ? at::zeros_like(student_hidden) : none,
-          grad_mask[1] ? at::zeros_like(student_weight) : none,
-          grad_mask[2] && student_bias.has_value() ? at::zeros_like(*student_bias) : none};
+          grad_mask[0] ? at::zeros_like(student_hidden) : none(),
+          grad_mask[1] ? at::zeros_like(student_weight) : none(),
+          grad_mask[2] && student_bias.has_value() ? at::zeros_like(*student_bias) : none()};
 }
 
 Outputs forward_impl(const at::Tensor& student_hidden, const at::Tensor& student_weight,

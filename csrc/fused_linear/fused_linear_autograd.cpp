@@ -73,10 +73,11 @@ ForwardOutputs fused_forward(const at::Tensor& student_hidden, const at::Tensor&
                  args.ignore_index, args.chunk_size, grad_mask, grad_scale, row_scale);
 }
 
-// kd_ratio * kd + (1 - kd_ratio) * ce, without 0 * inf where a part is unused.
+// kd_ratio * kd + (1 - kd_ratio) * ce, without 0 * inf where a part is unused. Always a new
+// tensor: the differentiable output must not alias the non-differentiable kd or ce.
 at::Tensor mix(const at::Tensor& kd, const at::Tensor& ce, double kd_ratio) {
-  if (kd_ratio == 1.0) return kd;
-  if (kd_ratio == 0.0) return ce;
+  if (kd_ratio == 1.0) return kd.clone();
+  if (kd_ratio == 0.0) return ce.clone();
   return kd * kd_ratio + ce * (1.0 - kd_ratio);
 }
 
@@ -88,6 +89,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_all(const at::Tensor& kd_r
   if (reduction == Reduction::kMean) count = valid_count(kd_rows, labels, args.ignore_index);
   return {reduce(mix(kd_rows, ce_rows, args.kd_ratio), count, reduction), reduce(kd_rows, count, reduction),
           reduce(ce_rows, count, reduction)};
+}
+
+int64_t positions(const at::Tensor& hidden) {
+  return hidden.numel() / std::max<int64_t>(hidden.size(-1), 1);
 }
 
 bool can_read_values(const at::Tensor& hidden, const std::optional<at::Tensor>& labels) {
@@ -106,8 +111,8 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
     const bool any_grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
     const bool grad_now = any_grad && reduction != Reduction::kNone;
     const bool mean_in_loop = grad_now && reduction == Reduction::kMean && can_read_values(student_hidden, labels);
-    const int64_t rows = student_hidden.numel() / std::max<int64_t>(student_hidden.size(-1), 1);
-    const double grad_scale = mean_in_loop ? 1.0 / host_valid_count(rows, labels, args.ignore_index) : 1.0;
+    const double grad_scale =
+        mean_in_loop ? 1.0 / host_valid_count(positions(student_hidden), labels, args.ignore_index) : 1.0;
     auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
         fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                       teacher_bias, args, grad_now ? grad_mask : std::array<bool, 3>{}, grad_scale, std::nullopt);
@@ -148,7 +153,7 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
       const bool identity = !count.defined() && is_exactly_one_on_cpu(grad_output);
       const at::Tensor scale = count.defined() ? grad_output / count : grad_output;
       for (const int64_t i : {0, 1, 2}) {
-        if (computed[i].numel() == 0) continue;  // not asked for
+        if (computed[i].sym_numel() == 0) continue;  // not asked for
         if (!identity) computed[i].mul_(scale);
         grads[i == 2 ? 5 : i] = computed[i];
       }
@@ -164,7 +169,7 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
                       optional(inputs[6]), args, {mask[0], mask[1], mask[2]}, 1.0, grad_output);
     if (mask[0]) grads[0] = grad_hidden;
     if (mask[1]) grads[1] = grad_weight;
-    if (mask[2] && grad_bias.numel() != 0) grads[5] = grad_bias;
+    if (mask[2] && grad_bias.sym_numel() != 0) grads[5] = grad_bias;
     return grads;
   }
 };

@@ -65,6 +65,9 @@ class LossConfig:
     beta: float = opt(0.5, "weight of jsd, in (0, 1)")
     temperature: float = opt(1.0, "softmax temperature of both distributions")
     kd_ratio: float = opt(1.0, "loss = kd_ratio * KD + (1 - kd_ratio) * cross-entropy on the responses")
+    fused_linear: bool = opt(True, "compute the loss from the final hidden states and output embeddings, a chunk "
+                                   "of response tokens at a time, never building [tokens, vocab] logits (off, with "
+                                   "a warning, for models whose logits are more than hidden @ W.T + b)")
 
 
 @dataclass

@@ -34,8 +34,8 @@ from .config import Config, ConfigError, check_adaptive_can_engage
 from .data import load_split, pad_token_id
 from .distributed import all_reduce_sum, init_runtime
 from .evaluate import EvalResult, evaluate
+from .kd_loss import MicroBatchLoss
 from .metrics import MetricsLog
-from ..losses import make_loss
 from .models import load_causal_lm, load_student, load_teacher
 from .run_directory import check_output_dir, start_run
 from .sgo import SGOBatches
@@ -118,8 +118,7 @@ class Trainer:
         self._stop_requested = False
         self._load_models()
         self._load_data()
-        self.loss_fn = make_loss(config.loss.type, alpha=config.loss.alpha, beta=config.loss.beta,
-                                 temperature=config.loss.temperature, reduction="sum")
+        self.loss = MicroBatchLoss(config.loss, self.student, self.teacher, self.vocab_size, self.bf16)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.step = 0
@@ -232,27 +231,9 @@ class Trainer:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _loss(self, batch: dict, timer: StepTimer) -> tuple[torch.Tensor, torch.Tensor]:
-        """(KD sum, CE sum) over this micro-batch's response tokens."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        with timer.section("teacher_forward"), torch.no_grad(), self._autocast():
-            teacher_logits = self.teacher(**inputs).logits
-        with timer.section("student_forward"), self._autocast():
-            student_logits = self.model(**inputs).logits
-        with timer.section("loss"):
-            targets = batch["labels"][:, 1:]
-            vocab = self.vocab_size
-            kd = self.loss_fn(student_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab], targets)
-            kd_ratio = self.config.loss.kd_ratio
-            ce = torch.zeros((), device=kd.device)
-            if kd_ratio < 1.0:
-                ce = torch.nn.functional.cross_entropy(
-                    student_logits[:, :-1, :vocab].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        return kd, ce
-
     def train_step(self, timer: StepTimer) -> dict[str, torch.Tensor]:
         """One optimizer step; returns device tensors (no host sync here)."""
-        device, kd_ratio = self.runtime.device, self.config.loss.kd_ratio
+        device = self.runtime.device
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch(self.step)]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
         global_tokens = all_reduce_sum(local_tokens.clone().float())
@@ -264,12 +245,11 @@ class Trainer:
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.runtime.distributed else self.model.no_sync()
             with sync:
-                kd, ce = self._loss(batch, timer)
-                loss = (kd_ratio * kd + (1.0 - kd_ratio) * ce) * scale
+                loss, kd, ce = self.loss(self.model, self.teacher, batch, timer, self._autocast)
                 with timer.section("student_backward"):
-                    loss.backward()
-            kd_total += kd.detach()
-            ce_total += ce.detach()
+                    (loss * scale).backward()
+            kd_total += kd
+            ce_total += ce
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * lr_factor(
                 self.step, self.config.train.warmup_steps, self.total_steps, self.config.train.schedule)

@@ -14,7 +14,8 @@ from distillm_ext.recipe.cli import main
 from distillm_ext.recipe.config import EvalConfig, load_config
 from distillm_ext.recipe.data import collate_for_training, collate_prompts, encode_examples, load_examples
 from distillm_ext.recipe.evaluate import generate_answers
-from distillm_ext.recipe.trainer import NonFiniteError, Trainer
+from distillm_ext.losses import make_loss
+from distillm_ext.recipe.trainer import NonFiniteError, StepTimer, Trainer
 
 # What instruct checkpoints ship, and worse: each of these changes what generate() does.
 HOSTILE = dict(repetition_penalty=3.0, no_repeat_ngram_size=1, do_sample=True, temperature=0.05, top_k=2,
@@ -98,29 +99,32 @@ def test_padded_student_vocabulary_generates_only_shared_ids(tiny, tmp_path):
     assert all("<unk>" not in a for a in answers)
 
 
-def test_loss_and_validation_normalize_over_the_shared_vocabulary(tiny, tmp_path):
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_loss_and_validation_normalize_over_the_shared_vocabulary(tiny, tmp_path, fused_linear):
     """The student's padding rows are outside the loss: changing them changes neither the KD
     loss, nor the CE term, nor the validation loss (README: "Padded vocabularies")."""
     student, shared = padded_student(tiny, tmp_path)
     trainer = Trainer(load_config(None, overrides(tiny, tmp_path / "run", student__path=student,
-                                                  loss__kd_ratio=0.5)))
+                                                  loss__kd_ratio=0.5, loss__fused_linear=fused_linear)))
+    assert trainer.loss.fused == fused_linear
     batch = trainer.source.next_batch(0)[0]
-    from distillm_ext.recipe.trainer import StepTimer
 
     def measure():
-        kd, ce = trainer._loss(batch, StepTimer(torch.device("cpu")))
+        _, kd, ce = trainer.loss(trainer.model, trainer.teacher, batch, StepTimer(torch.device("cpu")),
+                                 trainer._autocast)
         return kd.item(), ce.item(), trainer.evaluate(trainer.student).val_loss
 
     before = measure()
     with torch.no_grad():
         trainer.student.get_output_embeddings().weight[shared:] *= -3.0
     assert measure() == pytest.approx(before, rel=1e-6, abs=0)
-    sliced = trainer.loss_fn  # and the KD loss equals the loss on the shared rows, computed directly
+    # and the KD loss equals the loss on the shared rows, computed directly
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         s = trainer.student(**inputs).logits[:, :-1, :shared]
         t = trainer.teacher(**inputs).logits[:, :-1, :shared]
-    assert sliced(s, t, batch["labels"][:, 1:]).item() == pytest.approx(before[0], rel=1e-6)
+    direct = make_loss(trainer.config.loss.type, alpha=trainer.config.loss.alpha, reduction="sum")
+    assert direct(s, t, batch["labels"][:, 1:]).item() == pytest.approx(before[0], rel=1e-5)
 
 
 def inject_inf_gradient(trainer, at_steps):

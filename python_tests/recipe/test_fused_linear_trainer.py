@@ -1,0 +1,91 @@
+"""loss.fused_linear in the trainer: the same run as the logits path to float32 rounding, no
+full logits built, and models it cannot serve are detected (off with a warning, or an error)."""
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from tiny_models import make_model, overrides
+
+from distillm_ext.recipe.config import load_config
+from distillm_ext.recipe.kd_loss import FinalHiddenStates, MicroBatchLoss, fused_linear_unsupported
+from distillm_ext.recipe.trainer import StepTimer, Trainer
+from test_trainer import final_weights, train, train_records
+
+
+@pytest.mark.parametrize("loss_type, kd_ratio", [("srkl", 1.0), ("jsd", 0.5), ("tvd", 1.0)])
+def test_fused_linear_run_matches_the_logits_run(tiny, tmp_path, loss_type, kd_ratio):
+    runs = {}
+    for fused in (True, False):
+        runs[fused] = tmp_path / f"fused-{fused}"
+        train(overrides(tiny, runs[fused], loss__type=loss_type, loss__kd_ratio=kd_ratio, train__max_steps=4,
+                        train__grad_accum=2, loss__fused_linear=fused))
+    for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+        fused, logits = ([r[key] for r in train_records(runs[f])] for f in (True, False))
+        assert fused == pytest.approx(logits, rel=1e-5, abs=1e-7), key
+    # AdamW divides by sqrt(v): a gradient entry near 0 steps by ~lr whatever its size, so float32
+    # rounding of a 1e-9 gradient (different summation orders) moves a weight by up to ~lr * 1e-3.
+    expected, actual = final_weights(runs[False], 4), final_weights(runs[True], 4)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_no_full_logits_are_built(tiny, tmp_path):
+    trainer = Trainer(load_config(None, overrides(tiny, tmp_path / "run", train__max_steps=2)))
+    assert trainer.loss.fused
+    positions, in_step = [], [False]
+    for model in (trainer.student, trainer.teacher):
+        model.get_output_embeddings().register_forward_hook(
+            lambda m, args, out: positions.append(out.shape[1]) if in_step[0] and out.dim() == 3 else None)
+    train_step = trainer.train_step
+
+    def recorded_step(timer):
+        in_step[0] = True
+        try:
+            return train_step(timer)
+        finally:
+            in_step[0] = False
+
+    trainer.train_step = recorded_step
+    trainer.fit()
+    # Two steps, teacher and student: the last position's logits only. (The 2-D outputs are the
+    # one-time check that the head reads the caught hidden states, on the last position too.)
+    assert positions == [1] * 4
+
+
+def test_models_with_transformed_logits_fall_back_to_logits(caplog):
+    model = make_model(30, 1)
+    assert fused_linear_unsupported(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in fused_linear_unsupported(model)
+    config = load_config(None, []).loss
+    with caplog.at_level(logging.WARNING):
+        loss = MicroBatchLoss(config, model, make_model(30, 1), vocab_size=30)
+    assert not loss.fused and "loss.fused_linear: off" in caplog.text
+
+
+def test_logits_that_are_not_the_head_of_the_base_model_output_are_an_error():
+    """A model that transforms its logits without saying so in its config (here: doubles them)
+    is caught on the first micro-batch, before any update."""
+    student, teacher = make_model(30, 1, seed=1), make_model(30, 1)
+    loss = MicroBatchLoss(load_config(None, []).loss, student, teacher, vocab_size=30)
+
+    def doubled_logits(**inputs):
+        output = student(**inputs)
+        output.logits = output.logits * 2
+        return output
+
+    batch = {"input_ids": torch.randint(0, 30, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+             "labels": torch.randint(0, 30, (2, 6))}
+    with pytest.raises(RuntimeError, match="student's output embedding does not read its base model"):
+        loss(doubled_logits, teacher, batch, StepTimer(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_final_hidden_states_are_what_the_head_reads():
+    model = make_model(30, 2)
+    ids = torch.randint(0, 30, (2, 7))
+    hidden, last = FinalHiddenStates(model)(model, {"input_ids": ids})
+    full = model(input_ids=ids).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(model.get_output_embeddings()(hidden), full)

@@ -40,4 +40,4 @@ def test_libtorch_build_and_cpp_test(tmp_path):
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     output = subprocess.run([str(build_dir / "skew_kl_cpp_test")], capture_output=True, text=True)
-    assert "5 passed, 0 failed" in output.stdout, output.stdout
+    assert "8 passed, 0 failed" in output.stdout, output.stdout

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, checkpoint.json, trainer_state.pt, rank*.pt}`.
+"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, checkpoint.json, trainer_state.pt, rank*.pt}`,
+and `sharded/` (torch.distributed.checkpoint) in FSDP runs.
 
 A checkpoint is assembled in a temporary directory beside its final place, flushed to disk, and
 renamed into it only when complete; an old one is renamed out of the `step-*` namespace before it
@@ -27,6 +28,7 @@ from .run_directory import remove_leftovers, remove_tree
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
+SHARDED_DIR = "sharded"  # train.parallel=fsdp: model and optimizer shards (DCP)
 
 
 def rng_state() -> dict:
@@ -80,8 +82,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, rank_state: dict,
-                    info: dict, keep: int) -> Path:
-    """Writes checkpoint `step` atomically (all ranks call this); keeps the `keep` newest."""
+                    info: dict, keep: int, model_state: Optional[dict] = None,
+                    sharded_state: Optional[dict] = None) -> Path:
+    """Writes checkpoint `step` atomically (all ranks call this); keeps the `keep` newest.
+
+    `model_state`: the state dict model/ is written from (default: the model's own). A sharded
+    (FSDP) run passes its gathered state there, and its sharded model and optimizer state as
+    `sharded_state`, which every rank writes with torch.distributed.checkpoint to sharded/.
+    """
     folder = run_dir / "checkpoints"
     final = folder / f"step-{step:06d}"
     staging = folder / f".trash-staging-{step:06d}"  # a leftover of a killed save is deleted as trash
@@ -89,12 +97,16 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         folder.mkdir(parents=True, exist_ok=True)
         remove_leftovers(folder)
         staging.mkdir()
-        model.save_pretrained(staging / "model")  # safetensors
+        model.save_pretrained(staging / "model", state_dict=model_state)  # safetensors
         tokenizer.save_pretrained(staging / "model")
         torch.save(trainer_state, staging / STATE_FILE)
         (staging / INFO_FILE).write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
     barrier()
     torch.save({"rng": rng_state(), **rank_state}, staging / f"rank{rank()}.pt")
+    if sharded_state is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded_state, checkpoint_id=str(staging / SHARDED_DIR))
     barrier()
     if rank() == 0:
         _fsync_tree(staging)  # the contents are on disk before the rename makes them visible
@@ -113,8 +125,10 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    """Rank 0's trainer state, with this rank's own state (rng, ...) under "rank"."""
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-    rank_file = checkpoint / f"rank{rank()}.pt"
-    state["rank"] = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return state
+    """Rank 0's trainer state (step, history, config, ...)."""
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_rank_state(checkpoint: Path) -> dict:
+    """This rank's own state (rng, what the trainer passed as rank_state)."""
+    return torch.load(checkpoint / f"rank{rank()}.pt", map_location="cpu", weights_only=False)

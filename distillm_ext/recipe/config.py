@@ -85,6 +85,8 @@ class TrainConfig:
     nonfinite: str = opt("stop", "on a non-finite gradient norm: stop (the weights are never updated with it) "
                                  "or skip (drop that step's update and count it, as mixed-precision loss scaling does)")
     bf16: bool = opt(True, "bf16 autocast and a bf16 teacher (CUDA only)")
+    parallel: str = opt("ddp", "over torchrun's ranks: ddp (whole models on every rank) or fsdp (FSDP2: student and "
+                               "teacher sharded per decoder layer; sharded checkpoints)")
 
 
 @dataclass
@@ -332,6 +334,7 @@ def validate(config: Config) -> None:
     require(config.train.schedule in ("cosine", "linear", "constant"), "train.schedule", "cosine, linear or constant")
     require(config.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0")
     require(config.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", " or ".join(NONFINITE_POLICIES))
+    require(config.train.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp")
     require(config.eval.interval >= 0, "eval.interval", ">= 0")
     require(config.eval.num_examples >= 0, "eval.num_examples", ">= 0")
     require(config.eval.batch_size > 0, "eval.batch_size", "> 0")

@@ -59,6 +59,7 @@ def init_runtime() -> Runtime:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+    # Any torchrun launch joins a group, one process too: FSDP shards over it even then.
+    if "WORLD_SIZE" in os.environ and not is_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(rank=rank(), world_size=world_size(), device=device)

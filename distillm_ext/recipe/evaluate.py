@@ -13,12 +13,15 @@ the CE normalizes over those rows, and generation never picks a row beyond them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
 from .config import EvalConfig
 from .data import EncodedExample, collate_for_training, collate_prompts, pad_token_id
 from .distributed import all_reduce_sum, rank, world_size
 from .generation import generate_with_settings, generation_config
+from .parallel import is_sharded
 
 
 @dataclass
@@ -38,13 +41,16 @@ def _batches(items: list, batch_size: int):
 
 @torch.no_grad()
 def response_cross_entropy(model, examples: list[EncodedExample], pad_id: int, batch_size: int,
-                           device: torch.device, vocab_size: int) -> tuple[float, int]:
-    """(sum of per-token CE over the response tokens, number of those tokens) on this rank's examples."""
+                           device: torch.device, vocab_size: int, counted: Optional[int] = None) -> tuple[float, int]:
+    """(sum of per-token CE over the response tokens, number of those tokens) on this rank's
+    examples; only the first `counted` count (default: all), the rest are run and ignored."""
     total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
-    for chunk in _batches(examples, batch_size):
+    counted = len(examples) if counted is None else counted
+    for index, chunk in enumerate(_batches(examples, batch_size)):
         batch = {k: v.to(device) for k, v in collate_for_training(chunk, pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         targets = batch["labels"][:, 1:]
+        targets[max(counted - index * batch_size, 0):] = -100  # the ignored rest
         total += torch.nn.functional.cross_entropy(
             logits[:, :-1, :vocab_size].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
         tokens += int((targets != -100).sum())
@@ -84,9 +90,12 @@ def evaluate(model, tokenizer, examples: list[EncodedExample], settings: EvalCon
     was_training = model.training
     model.eval()
     local = examples[rank()::world_size()]
-    loss_sum, tokens = response_cross_entropy(model, local, pad_token_id(tokenizer), settings.batch_size, device,
-                                              vocab_size)
-    answers = generate_answers(model, tokenizer, local, settings, device, vocab_size)
+    run = local
+    if is_sharded(model) and examples:  # every rank must run as many forwards as the others
+        run = local + examples[:1] * (-(-len(examples) // world_size()) - len(local))
+    loss_sum, tokens = response_cross_entropy(model, run, pad_token_id(tokenizer), settings.batch_size, device,
+                                              vocab_size, counted=len(local))
+    answers = generate_answers(model, tokenizer, run, settings, device, vocab_size)[:len(local)]
     rouge_sum = rouge_l_sum(answers, [e.reference for e in local])
     model.train(was_training)
     totals = all_reduce_sum(torch.tensor([loss_sum, tokens, rouge_sum, len(local)], dtype=torch.float64, device=device))

@@ -18,6 +18,9 @@ import contextlib
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from .distributed import world_size
+from .parallel import is_sharded
+
 
 def generation_config(*, max_new_tokens: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int = 0, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
@@ -54,5 +57,7 @@ def _model_settings(model, settings: GenerationConfig):
 def generate_with_settings(model, inputs: dict[str, torch.Tensor], settings: GenerationConfig, vocab_size: int) -> torch.Tensor:
     """`model.generate(**inputs)` with `settings` alone, never emitting an id >= vocab_size."""
     with _model_settings(model, settings):
-        return model.generate(**inputs, generation_config=settings,
+        # A sharded model's ranks must run every forward together: all keep stepping until the
+        # longest generation on any rank ends.
+        return model.generate(**inputs, generation_config=settings, synced_gpus=is_sharded(model) and world_size() > 1,
                               logits_processor=LogitsProcessorList([VocabularyLimit(vocab_size)]))

@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -38,6 +40,8 @@ from .kd_loss import MicroBatchLoss
 from .metrics import MetricsLog
 from .models import load_causal_lm, load_student, load_teacher
 from .run_directory import check_output_dir, start_run
+from .parallel import (check_launch, full_model_state, gradient_sync, is_sharded, load_sharded_state,
+                       release_teacher_root, shard, sharded_state)
 from .sgo import SGOBatches
 
 log = logging.getLogger(__name__)
@@ -137,6 +141,7 @@ class Trainer:
 
     def _load_models(self) -> None:
         config, device = self.config, self.runtime.device
+        check_launch(config.train.parallel)
         self.teacher, self.tokenizer = load_teacher(config.teacher.path)
         if self.resume_from is not None:
             self.student, _ = load_causal_lm(str(self.resume_from / "model"), "student")
@@ -153,8 +158,13 @@ class Trainer:
                               self.student.get_output_embeddings().weight.shape[0])
         if len(self.tokenizer) > self.vocab_size:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but a model outputs only {self.vocab_size}")
-        self.model = self.student
-        if self.runtime.distributed:
+        self.model = self.student  # what the student's training forward goes through
+        if config.train.parallel == "fsdp":
+            shard(self.teacher, device, frozen=True)
+            shard(self.student, device, frozen=False)
+            for model in (self.student, self.teacher):  # generation runs outside forward()
+                register_fsdp_forward_method(model, "generate")
+        elif self.runtime.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -195,12 +205,16 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         state = ckpt.load_trainer_state(checkpoint)
-        self._check_resumable(checkpoint, state["config"])
+        self._check_resumable(checkpoint, state["config"])  # before reading this rank's own file
+        rank_state = ckpt.load_rank_state(checkpoint)
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.source.load_state_dict(state["rank"]["source"])
+        if is_sharded(self.student):
+            load_sharded_state(self.student, self.optimizer, checkpoint / ckpt.SHARDED_DIR)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.source.load_state_dict(rank_state["source"])
         self.history = state["history"]
-        ckpt.set_rng_state(state["rank"]["rng"])
+        ckpt.set_rng_state(rank_state["rng"])
         self._info(f"resumed from {checkpoint} at step {self.step}")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -221,11 +235,14 @@ class Trainer:
                         self.vocab_size)
 
     def save(self) -> Path:
-        state = {"step": self.step, "skipped_steps": self.skipped_steps, "optimizer": self.optimizer.state_dict(),
-                 "history": self.history, "config": self.config.to_dict()}
+        sharded = is_sharded(self.student)  # fsdp: the optimizer state goes to sharded/, not to rank 0
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
+                 "config": self.config.to_dict(), "optimizer": None if sharded else self.optimizer.state_dict()}
         info = {"vocab_size": self.vocab_size, "world_size": self.runtime.world_size}
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, state,
-                                    {"source": self.source.state_dict()}, info, self.config.output.keep_checkpoints)
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.student, self.tokenizer, state, {"source": self.source.state_dict()}, info,
+            self.config.output.keep_checkpoints, model_state=full_model_state(self.student) if sharded else None,
+            sharded_state=sharded_state(self.student, self.optimizer) if sharded else None)
         self._info(f"saved checkpoint {path}")
         return path
 
@@ -243,9 +260,9 @@ class Trainer:
         ce_total = torch.zeros((), device=device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.runtime.distributed else self.model.no_sync()
-            with sync:
+            with gradient_sync(self.model, enabled=last):
                 loss, kd, ce = self.loss(self.model, self.teacher, batch, timer, self._autocast)
+                release_teacher_root(self.teacher)
                 with timer.section("student_backward"):
                     (loss * scale).backward()
             kd_total += kd
@@ -256,6 +273,8 @@ class Trainer:
         with timer.section("optimizer"):
             max_norm = self.config.train.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+            if isinstance(grad_norm, DTensor):  # fsdp: the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
             # The one host sync of a step: a non-finite update must never reach the weights. Under
             # DDP the gradients are already all-reduced, so every rank decides the same.
             finite = bool(torch.isfinite(grad_norm))

@@ -8,8 +8,8 @@
   backward) and freed after. The teacher's root (embeddings, final norm, output embedding)
   stays gathered from its forward to the end of the step's loss, which reads its output
   embedding, and is freed by `release_teacher_root`: one gather per micro-batch, not one per
-  loss chunk. On CUDA the student computes in bfloat16 and reduces gradients in float32
-  (MixedPrecisionPolicy); on CPU everything is float32.
+  loss chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients
+  in float32 (MixedPrecisionPolicy); on CPU everything is float32.
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ def check_launch(parallel: str) -> None:
                           "torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ... (N = 1 is allowed)")
 
 
-def shard(model: nn.Module, device: torch.device, frozen: bool) -> nn.Module:
-    """fully_shard per decoder layer, then at the root (in place; returns the model)."""
+def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = False) -> nn.Module:
+    """fully_shard per decoder layer, then at the root (in place; returns the model). `bf16`: a
+    trained model computes in bfloat16 and reduces its gradients in float32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     options = {"mesh": mesh}
-    if device.type == "cuda" and not frozen:
+    if bf16 and not frozen:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # A bool, never an int, for the teacher: an int keeps a second copy of every layer gathered
     # between forward and (never coming) backward (pytorch#147179). It cannot be changed after

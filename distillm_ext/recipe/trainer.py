@@ -161,7 +161,7 @@ class Trainer:
         self.model = self.student  # what the student's training forward goes through
         if config.train.parallel == "fsdp":
             shard(self.teacher, device, frozen=True)
-            shard(self.student, device, frozen=False)
+            shard(self.student, device, frozen=False, bf16=self.bf16)
             for model in (self.student, self.teacher):  # generation runs outside forward()
                 register_fsdp_forward_method(model, "generate")
         elif self.runtime.distributed:

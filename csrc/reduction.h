@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 
+#include <algorithm>
 #include <string>
 
 namespace distillm {
@@ -36,6 +37,11 @@ inline at::Tensor valid_count(const at::Tensor& row_loss, const std::optional<at
                               int64_t ignore_index) {
   at::Tensor valid = labels.has_value() ? labels->ne(ignore_index) : at::ones_like(row_loss);
   return valid.sum(at::kFloat).clamp_min(1.0);
+}
+
+// Positions of a (..., last) tensor: the product of its leading sizes.
+inline int64_t leading_positions(const at::Tensor& t) {
+  return t.dim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.size(-1), 1);
 }
 
 // The same count on the host, for kernels that fold 1/count into the gradient they write.

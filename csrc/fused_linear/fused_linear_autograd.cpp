@@ -91,10 +91,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_all(const at::Tensor& kd_r
           reduce(ce_rows, count, reduction)};
 }
 
-int64_t positions(const at::Tensor& hidden) {
-  return hidden.numel() / std::max<int64_t>(hidden.size(-1), 1);
-}
-
 bool can_read_values(const at::Tensor& hidden, const std::optional<at::Tensor>& labels) {
   return !at::isTensorSubclassLike(hidden) && (!labels || !at::isTensorSubclassLike(*labels));
 }
@@ -112,7 +108,7 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
     const bool grad_now = any_grad && reduction != Reduction::kNone;
     const bool mean_in_loop = grad_now && reduction == Reduction::kMean && can_read_values(student_hidden, labels);
     const double grad_scale =
-        mean_in_loop ? 1.0 / host_valid_count(positions(student_hidden), labels, args.ignore_index) : 1.0;
+        mean_in_loop ? 1.0 / host_valid_count(leading_positions(student_hidden), labels, args.ignore_index) : 1.0;
     auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
         fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                       teacher_bias, args, grad_now ? grad_mask : std::array<bool, 3>{}, grad_scale, std::nullopt);

@@ -15,8 +15,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "reduction.h"
 
 namespace distillm {
@@ -34,8 +32,8 @@ class SkewKLFunction : public torch::autograd::Function<SkewKLFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool mean_in_kernel = compute_grad && reduction == Reduction::kMean &&
                                 holds_host_data(student) && (!labels || holds_host_data(*labels));
-    const int64_t rows = student.numel() / std::max<int64_t>(student.size(-1), 1);
-    const double grad_scale = mean_in_kernel ? 1.0 / host_valid_count(rows, labels, ignore_index) : 1.0;
+    const double grad_scale =
+        mean_in_kernel ? 1.0 / host_valid_count(leading_positions(student), labels, ignore_index) : 1.0;
     auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
                                             ignore_index, compute_grad, grad_scale);
     at::Tensor count;

@@ -224,3 +224,18 @@ def test_cross_entropy_needs_labels_inside_the_shared_vocabulary():
     del case["labels"]
     with pytest.raises(ValueError, match="pass labels"):
         distillm_ext.fused_linear_kd(**case, kd_ratio=0.5)
+
+
+def test_strided_hidden_states_give_the_same_result(device):
+    """Hidden states in any layout (a transposed copy, a `[:, :-1]` slice) are read as they are,
+    and their gradient comes back in their shape."""
+    case = make_case(device, leading=(3, 12))
+    transposed = case["student_hidden"].transpose(0, 1).contiguous().transpose(0, 1)
+    sliced = {**case, "student_hidden": case["student_hidden"][:, :-1], "teacher_hidden": case["teacher_hidden"][:, :-1],
+              "labels": case["labels"][:, :-1]}
+    expected = loss_and_grads(distillm_ext.fused_linear_kd, case, kd_ratio=0.5)
+    actual = loss_and_grads(distillm_ext.fused_linear_kd, {**case, "student_hidden": transposed}, kd_ratio=0.5)
+    torch.testing.assert_close(actual[0], expected[0])
+    for name in STUDENT_INPUTS:
+        torch.testing.assert_close(actual[3][name], expected[3][name])
+    assert_matches_reference(sliced, kd_ratio=0.5)

@@ -2,9 +2,10 @@
 
 One optimizer step: take this rank's micro-batches from the batch source; for each, the teacher
 forward (no_grad), the student forward, the loss over response tokens (labels shifted by one,
--100 on prompt and padding), backward. The loss is a sum over tokens divided by the number of
-response tokens in the whole global batch (all ranks, all micro-batches), so gradient
-accumulation and any number of ranks give the gradient of one big batch.
+-100 on prompt and padding; kd_loss.py, from hidden states by default), backward. The models are
+whole on every rank (DDP) or sharded (FSDP2; parallel.py). The loss is a sum over tokens divided
+by the number of response tokens in the whole global batch (all ranks, all micro-batches), so
+gradient accumulation and any number of ranks give the gradient of one big batch.
 
 With sgo.mode on_policy or adaptive, the batch source (sgo.SGOBatches) may replace the dataset
 batch with fresh or replayed student outputs; the adaptive schedule hears every validation loss.
@@ -39,9 +40,9 @@ from .evaluate import EvalResult, evaluate
 from .kd_loss import MicroBatchLoss
 from .metrics import MetricsLog
 from .models import load_causal_lm, load_student, load_teacher
-from .run_directory import check_output_dir, start_run
 from .parallel import (check_launch, full_model_state, gradient_sync, is_sharded, load_sharded_state,
                        release_teacher_root, shard, sharded_state)
+from .run_directory import check_output_dir, start_run
 from .sgo import SGOBatches
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class Trainer:
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch(self.step)]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
         global_tokens = all_reduce_sum(local_tokens.clone().float())
-        # DDP averages gradients over ranks; multiplying by world_size turns that into the sum.
+        # DDP and FSDP average gradients over ranks; multiplying by world_size turns that into the sum.
         scale = self.runtime.world_size / global_tokens.clamp(min=1.0)
         kd_total = torch.zeros((), device=device)
         ce_total = torch.zeros((), device=device)

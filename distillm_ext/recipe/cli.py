@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, describe_options, load_config
+from .distributed import shutdown
 
 EXAMPLES = """\
 examples:
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"distillm: {interrupt or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

@@ -30,6 +30,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leaves the process group, so that its threads (gloo, checkpoint writers) stop before the
+    interpreter exits: one still running at exit aborts the process (SIGABRT, "terminate called
+    without an active exception"), which seen from torchrun is a failed run."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sums `tensor` over ranks, in place; returns it."""
     if is_distributed():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import distillm_ext
-from distillm_ext.reference import fused_linear_kd_reference
+from distillm_ext.reference import fused_linear_kd_reference, jsd_reference
 from conftest import assert_close_to_reference
 
 LOSS_TYPES = ["fkl", "rkl", "skl", "srkl", "jsd", "tvd"]
@@ -239,3 +239,52 @@ def test_strided_hidden_states_give_the_same_result(device):
     for name in STUDENT_INPUTS:
         torch.testing.assert_close(actual[3][name], expected[3][name])
     assert_matches_reference(sliced, kd_ratio=0.5)
+
+
+@pytest.mark.parametrize("leading", [(1,), (7,), (2, 9)], ids=["one row", "7 rows", "2x9"])
+def test_shapes_that_fill_no_chunk_evenly(device, leading):
+    """One row, and row counts that are not a multiple of the chunk; V = 61 is no multiple of any
+    vector width."""
+    assert_matches_reference(make_case(device, leading=leading, ignore_fraction=0.0), loss="srkl", kd_ratio=0.5,
+                             chunk_size=4)
+
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
+def test_minus_infinity_biases_drop_their_rows(device, loss):
+    """A -inf bias (a banned token) in either model: those vocabulary entries count 0, as for
+    skew_kl on the logits; labels avoid them, so CE stays finite."""
+    case = make_case(device)
+    banned = torch.tensor([3, 17, 40])
+    case["student_bias"][banned] = float("-inf")
+    case["teacher_bias"][banned + 1] = float("-inf")
+    labels = case["labels"]
+    case["labels"] = torch.where(torch.isin(labels, torch.cat([banned, banned + 1]).to(labels.device)),
+                                 torch.full_like(labels, 5), labels)
+    assert_matches_reference(case, loss=loss, kd_ratio=0.5)
+
+
+def plain_bf16_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                   student_bias=None, teacher_bias=None):
+    """What plain PyTorch does in bf16: the logits GEMM in bf16 (rounded to 8 mantissa bits),
+    then the loss in float32. Returns (loss, kd, ce) like fused_linear_kd."""
+    vocab = min(student_weight.shape[0], teacher_weight.shape[0])
+    z = student_hidden @ student_weight[:vocab].T + student_bias[:vocab]
+    u = teacher_hidden @ teacher_weight[:vocab].T + teacher_bias[:vocab]
+    loss = jsd_reference(z.float(), u.float(), labels)
+    return loss, loss.detach(), torch.zeros_like(loss)
+
+
+def test_bf16_is_more_accurate_than_plain_pytorch_bf16(device):
+    """Against the float64 reference of the same bf16 inputs, the op errs less than the plain
+    bf16 baseline, in the loss and in every gradient."""
+    case = make_case(device, dtype=torch.bfloat16)
+    reference = loss_and_grads(fused_linear_kd_reference, as_float64(case), loss="jsd")
+    ours = loss_and_grads(distillm_ext.fused_linear_kd, case, loss="jsd")
+    plain = loss_and_grads(plain_bf16_jsd, case)
+
+    def error(result, name):
+        return (result[3][name].double() - reference[3][name]).abs().max().item()
+
+    assert abs(ours[0].item() - reference[0].item()) <= abs(plain[0].item() - reference[0].item())
+    for name in STUDENT_INPUTS:
+        assert error(ours, name) < error(plain, name), (name, error(ours, name), error(plain, name))

@@ -3,6 +3,7 @@ full logits built, and models it cannot serve are detected (off with a warning, 
 
 import contextlib
 import logging
+import sys
 
 import pytest
 import torch
@@ -11,16 +12,10 @@ from tiny_models import make_model, overrides
 from distillm_ext.recipe.config import load_config
 from distillm_ext.recipe.kd_loss import FinalHiddenStates, MicroBatchLoss, fused_linear_unsupported
 from distillm_ext.recipe.trainer import StepTimer, Trainer
-from test_trainer import final_weights, train, train_records
+from test_trainer import _run, final_weights, train, train_records
 
 
-@pytest.mark.parametrize("loss_type, kd_ratio", [("srkl", 1.0), ("jsd", 0.5), ("tvd", 1.0)])
-def test_fused_linear_run_matches_the_logits_run(tiny, tmp_path, loss_type, kd_ratio):
-    runs = {}
-    for fused in (True, False):
-        runs[fused] = tmp_path / f"fused-{fused}"
-        train(overrides(tiny, runs[fused], loss__type=loss_type, loss__kd_ratio=kd_ratio, train__max_steps=4,
-                        train__grad_accum=2, loss__fused_linear=fused))
+def assert_same_runs(runs):
     for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
         fused, logits = ([r[key] for r in train_records(runs[f])] for f in (True, False))
         assert fused == pytest.approx(logits, rel=1e-5, abs=1e-7), key
@@ -29,6 +24,30 @@ def test_fused_linear_run_matches_the_logits_run(tiny, tmp_path, loss_type, kd_r
     expected, actual = final_weights(runs[False], 4), final_weights(runs[True], 4)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("loss_type", ["skl", "srkl", "jsd", "tvd"])
+def test_fused_linear_run_matches_the_logits_run(tiny, tmp_path, loss_type, kd_ratio):
+    runs = {}
+    for fused in (True, False):
+        runs[fused] = tmp_path / f"fused-{fused}"
+        train(overrides(tiny, runs[fused], loss__type=loss_type, loss__kd_ratio=kd_ratio, train__max_steps=4,
+                        train__grad_accum=2, loss__fused_linear=fused))
+    assert_same_runs(runs)
+
+
+def test_fused_linear_matches_the_logits_run_under_ddp(tiny, tmp_path):
+    """Two DDP processes: the student's hidden states come through the DDP wrapper, so its
+    gradients, the output embedding's included, are all-reduced as on the logits path."""
+    runs = {}
+    for fused in (True, False):
+        runs[fused] = tmp_path / f"fused-{fused}"
+        _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "distillm_ext.recipe.cli", "train",
+              *overrides(tiny, runs[fused], loss__type="srkl", loss__kd_ratio=0.5, train__max_steps=4,
+                         train__grad_accum=2, loss__fused_linear=fused)])
+    assert_same_runs(runs)
 
 
 def test_no_full_logits_are_built(tiny, tmp_path):

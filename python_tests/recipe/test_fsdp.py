@@ -88,8 +88,11 @@ def test_fsdp_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
 
 
 def test_fsdp_export_is_read_by_eval_and_from_pretrained(tiny, tmp_path):
+    """Also: 5 evaluation examples in batches of 2 give the ranks 2 and 1 batches. Every sharded
+    forward needs all ranks, so evaluation pads the short rank (else this run would hang)."""
     run = tmp_path / "run"
-    _run(torchrun(*CLI, *overrides(tiny, run, train__parallel="fsdp", train__max_steps=2)))
+    _run(torchrun(*CLI, *overrides(tiny, run, train__parallel="fsdp", train__max_steps=2, eval__num_examples=5,
+                                   eval__batch_size=2)))
     scores = tmp_path / "scores.json"
     _run([sys.executable, "-m", "distillm_ext.recipe.cli", "eval", "--model", str(run), "--output", str(scores)])
     after = json.loads((run / "summary.json").read_text())["student_after"]

@@ -81,14 +81,17 @@ at::Tensor mix(const at::Tensor& kd, const at::Tensor& ce, double kd_ratio) {
   return kd * kd_ratio + ce * (1.0 - kd_ratio);
 }
 
-// (loss, kd, ce), each reduced.
+// (loss, kd, ce), each reduced; `count` is valid_count's, needed for "mean" only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_all(const at::Tensor& kd_rows, const at::Tensor& ce_rows,
-                                                          const std::optional<at::Tensor>& labels,
-                                                          const LossArgs& args, Reduction reduction) {
-  at::Tensor count;
-  if (reduction == Reduction::kMean) count = valid_count(kd_rows, labels, args.ignore_index);
+                                                          const at::Tensor& count, const LossArgs& args,
+                                                          Reduction reduction) {
   return {reduce(mix(kd_rows, ce_rows, args.kd_ratio), count, reduction), reduce(kd_rows, count, reduction),
           reduce(ce_rows, count, reduction)};
+}
+
+at::Tensor count_for(Reduction reduction, const at::Tensor& kd_rows, const std::optional<at::Tensor>& labels,
+                     const LossArgs& args) {
+  return reduction == Reduction::kMean ? valid_count(kd_rows, labels, args.ignore_index) : at::Tensor();
 }
 
 bool can_read_values(const at::Tensor& hidden, const std::optional<at::Tensor>& labels) {
@@ -112,15 +115,14 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
     auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
         fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                       teacher_bias, args, grad_now ? grad_mask : std::array<bool, 3>{}, grad_scale, std::nullopt);
-    auto [loss, kd, ce] = reduce_all(kd_rows, ce_rows, labels, args, reduction);
+    const at::Tensor count = count_for(reduction, kd_rows, labels, args);
+    auto [loss, kd, ce] = reduce_all(kd_rows, ce_rows, count, args, reduction);
     ctx->mark_non_differentiable({kd, ce});
     ctx->saved_data["reduction"] = static_cast<int64_t>(reduction);
     if (grad_now) {
       ctx->saved_data["grads"] = std::vector<at::Tensor>{grad_hidden, grad_weight, grad_bias};
       // What the backward still has to divide by: the count, unless the loop did.
-      ctx->saved_data["count"] = reduction == Reduction::kMean && !mean_in_loop
-                                     ? valid_count(kd_rows, labels, args.ignore_index)
-                                     : at::Tensor();
+      ctx->saved_data["count"] = mean_in_loop ? at::Tensor() : count;
     } else if (any_grad) {  // "none": the backward runs the loop again, weighted per position
       ctx->save_for_backward({student_hidden, student_weight, teacher_hidden, teacher_weight,
                               labels.value_or(at::Tensor()), student_bias.value_or(at::Tensor()),
@@ -204,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_no_grad(
   auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
       fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                     teacher_bias, args, {}, 1.0, std::nullopt);
-  return reduce_all(kd_rows, ce_rows, labels, args, r);
+  return reduce_all(kd_rows, ce_rows, count_for(r, kd_rows, labels, args), args, r);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_capability.h"
+#include "skew_kl_cuda_emulation.h"
 
 #if DISTILLM_CPU_LEVELS
 #pragma GCC push_options
@@ -45,6 +46,7 @@ namespace distillm::skew_kl_impl::baseline {
 namespace distillm::skew_kl_impl {
 
 void skew_kl_forward_cpu(const ForwardParams& prm) {
+  if (cuda_emulation_requested()) return skew_kl_forward_cuda_emulation(prm);
   switch (cpu_capability()) {
 #if DISTILLM_CPU_LEVELS
     case CpuCapability::kAvx512: return avx512::forward(prm);

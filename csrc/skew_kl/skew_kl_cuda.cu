@@ -8,13 +8,17 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "skew_kl_cuda.h"
+#include "skew_kl_gpu_math.h"
 
 namespace distillm::skew_kl_impl {
 namespace {
 
+using namespace gpu;
+
 constexpr int kThreads = 512;
-constexpr int kChunk = 8;  // entries per thread per step: 16 bytes of bf16/fp16, 32 of float
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -27,97 +31,112 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
-// Reads entries [v, v + kChunk) of a row as floats; `vector` when the chunk is 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t v, bool vector, float (&out)[kChunk]) {
-  if (vector) {
+// The two floats of a pair of packed bf16: one shift or one mask each (the compiler's own
+// conversion of the high half takes two instructions).
+__device__ __forceinline__ void unpack_bf16x2(uint32_t pair, float& low, float& high) {
+  low = __uint_as_float(pair << 16);
+  high = __uint_as_float(pair & 0xffff0000u);
+}
+
+// Reads entries [v, v + kChunk) of a row as floats: 16-byte loads (kVector, the chunk aligned)
+// or one load per entry.
+template <bool kVector, typename T>
+__device__ __forceinline__ void load_chunk(const T* row, int64_t v, float (&out)[kChunk]) {
+  if constexpr (kVector) {
     constexpr int kLoads = kChunk * sizeof(T) / 16;
     uint4 raw[kLoads];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) raw[i] = reinterpret_cast<const uint4*>(row + v)[i];
-    const T* values = reinterpret_cast<const T*>(raw);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(raw);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) out[j] = to_float(values[j]);
+      for (int j = 0; j < kChunk / 2; ++j) unpack_bf16x2(pairs[j], out[2 * j], out[2 * j + 1]);
+    } else {
+      const T* values = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) out[j] = to_float(values[j]);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) out[j] = to_float(row[v + j]);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ bool is_aligned16(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+template <bool kVector, typename S, typename T, typename Fn>
+__device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, int64_t vocab, RowSpan span, Fn&& fn) {
+  for_thread_entries(
+      threadIdx.x, blockDim.x, vocab, span,
+      [&](int64_t v) {
+        float zs[kChunk], us[kChunk];
+        load_chunk<kVector>(z, v, zs);
+        load_chunk<kVector>(u, v, us);
+        fn(zs, us);
+      },
+      [&](int64_t v) {
+        const float zs[1] = {to_float(z[v])}, us[1] = {to_float(u[v])};
+        fn(zs, us);
+      });
 }
 
-// Calls fn(v, z_v, u_v) for every entry of the row this thread owns.
+// Calls fn(zs, us) on this thread's entries of the row: arrays of kChunk floats for the vector
+// steps, of 1 for single entries. The choice of loads is made once per row, outside the loop:
+// a predicate inside it would issue both kinds.
 template <typename S, typename T, typename Fn>
 __device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t vocab, Fn&& fn) {
-  const bool vector = is_aligned16(z) && is_aligned16(u);
-  const int64_t full = vocab / kChunk * kChunk;
-  for (int64_t v = int64_t(threadIdx.x) * kChunk; v < full; v += int64_t(blockDim.x) * kChunk) {
-    float zs[kChunk], us[kChunk];
-    load_chunk(z, v, vector, zs);
-    load_chunk(u, v, vector, us);
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) fn(v + j, zs[j], us[j]);
+  const RowSpan span = row_span(z, u, static_cast<const S*>(nullptr), vocab);
+  if (span.vector) {
+    for_each_entry_as<true>(z, u, vocab, span, fn);
+  } else {
+    for_each_entry_as<false>(z, u, vocab, span, fn);
   }
-  for (int64_t v = full + threadIdx.x; v < vocab; v += blockDim.x) fn(v, to_float(z[v]), to_float(u[v]));
 }
 
-// Writes fn(z_v, u_v) to out[v] for every entry of the row this thread owns; 16-byte stores
-// where the output row is aligned too.
+template <bool kVector, typename S, typename T, typename Fn>
+__device__ __forceinline__ void write_each_entry_as(const S* z, const T* u, S* out, int64_t vocab, RowSpan span,
+                                                    Fn&& fn) {
+  for_thread_entries(
+      threadIdx.x, blockDim.x, vocab, span,
+      [&](int64_t v) {
+        float zs[kChunk], us[kChunk];
+        load_chunk<kVector>(z, v, zs);
+        load_chunk<kVector>(u, v, us);
+        constexpr int kStores = kChunk * sizeof(S) / 16;
+        uint4 raw[kStores];
+        S* values = reinterpret_cast<S*>(raw);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) values[j] = from_float<S>(fn(zs[j], us[j]));
+        if constexpr (kVector) {
+#pragma unroll
+          for (int i = 0; i < kStores; ++i) reinterpret_cast<uint4*>(out + v)[i] = raw[i];
+        } else {
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) out[v + j] = values[j];
+        }
+      },
+      [&](int64_t v) { out[v] = from_float<S>(fn(to_float(z[v]), to_float(u[v]))); });
+}
+
+// Writes fn(z_v, u_v) to out[v] for this thread's entries of the row.
 template <typename S, typename T, typename Fn>
 __device__ __forceinline__ void write_each_entry(const S* z, const T* u, S* out, int64_t vocab, Fn&& fn) {
-  const bool vector = is_aligned16(z) && is_aligned16(u) && is_aligned16(out);
-  const int64_t full = vocab / kChunk * kChunk;
-  for (int64_t v = int64_t(threadIdx.x) * kChunk; v < full; v += int64_t(blockDim.x) * kChunk) {
-    float zs[kChunk], us[kChunk];
-    load_chunk(z, v, vector, zs);
-    load_chunk(u, v, vector, us);
-    constexpr int kStores = kChunk * sizeof(S) / 16;
-    uint4 raw[kStores];
-    S* values = reinterpret_cast<S*>(raw);
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) values[j] = from_float<S>(fn(zs[j], us[j]));
-    if (vector) {
-#pragma unroll
-      for (int i = 0; i < kStores; ++i) reinterpret_cast<uint4*>(out + v)[i] = raw[i];
-    } else {
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) out[v + j] = values[j];
-    }
-  }
-  for (int64_t v = full + threadIdx.x; v < vocab; v += blockDim.x) {
-    out[v] = from_float<S>(fn(to_float(z[v]), to_float(u[v])));
+  const RowSpan span = row_span(z, u, out, vocab);
+  if (span.vector) {
+    write_each_entry_as<true>(z, u, out, vocab, span, fn);
+  } else {
+    write_each_entry_as<false>(z, u, out, vocab, span, fn);
   }
 }
 
-// Online softmax state over raw logits: sum_v exp((x_v - max) * inv_tau).
-struct OnlineSum {
-  float max = kNegInf;
-  float sum = 0.0f;
-
-  // One exp per entry: the running sum is rescaled only when the maximum grows.
-  __device__ __forceinline__ void add(float x, float inv_tau) {
-    if (x > max) {
-      sum = (max == kNegInf ? 0.0f : sum * exp_nonpositive((max - x) * inv_tau)) + 1.0f;
-      max = x;
-    } else if (!(max == kNegInf && x == kNegInf)) {
-      sum += exp_nonpositive((x - max) * inv_tau);  // a NaN entry makes the sum NaN
-    }
-  }
-};
-
-template <typename Op>
-__device__ __forceinline__ float warp_reduce(float x, Op op) {
+template <typename F, typename Op>
+__device__ __forceinline__ F warp_reduce(F x, Op op) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
 // Block-wide reduction of two floats; every thread gets the result.
-template <typename Op>
-__device__ __forceinline__ void block_reduce2(float& a, float& b, Op op, float (*shared)[2]) {
+template <typename F, typename Op>
+__device__ __forceinline__ void block_reduce2(F& a, F& b, Op op, F (*shared)[2]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   a = warp_reduce(a, op);
   b = warp_reduce(b, op);
@@ -136,43 +155,44 @@ __device__ __forceinline__ void block_reduce2(float& a, float& b, Op op, float (
 }
 
 struct Add {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  template <typename F>
+  __device__ __forceinline__ F operator()(F a, F b) const { return a + b; }
 };
 struct Max {
   __device__ __forceinline__ float operator()(float a, float b) const { return max_of(a, b); }
 };
 
+template <int N>
+constexpr int length_of(const float (&)[N]) { return N; }
+
 template <typename S, typename T, bool kReverse, bool kMixed>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, CallConstants c) {
   __shared__ float shared[kThreads / 32][2];
-  const Constants c = prm.constants;
-  const float inv_tau = c.inv_temperature;
+  __shared__ double shared_sums[kThreads / 32][2];
   const int64_t vocab = prm.vocab;
   for (int64_t row = blockIdx.x; row < prm.num_rows; row += gridDim.x) {
     S* grad = prm.grad ? static_cast<S*>(prm.grad) + row * vocab : nullptr;
     const S* z = static_cast<const S*>(prm.student) + row_offset(prm.student_rows, row);
     const T* u = static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row);
-    bool skip = prm.labels != nullptr && prm.labels[row] == prm.ignore_index;
+    const bool skip = prm.labels != nullptr && prm.labels[row] == prm.ignore_index;
 
-    OnlineSum student, teacher;
+    ExpSum student, teacher;
     if (!skip) {
-      for_each_entry(z, u, vocab, [&](int64_t, float zv, float uv) {
-        student.add(zv, inv_tau);
-        teacher.add(uv, inv_tau);
+      for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
+        add_entries(student, zs, c.k);
+        add_entries(teacher, us, c.k);
       });
     }
-    // Merge the per-thread states: first the maxima, then the sums rescaled to them.
     float max_z = student.max, max_u = teacher.max;
     block_reduce2(max_z, max_u, Max(), shared);
-    // A thread whose maximum stayed -inf saw only -inf entries (sum 0) or a NaN (sum NaN, as
-    // comparisons ignore NaN): its sum is taken as is, so a NaN anywhere reaches the row.
-    float sum_z = student.max == kNegInf ? student.sum : student.sum * exp_nonpositive((student.max - max_z) * inv_tau);
-    float sum_u = teacher.max == kNegInf ? teacher.sum : teacher.sum * exp_nonpositive((teacher.max - max_u) * inv_tau);
-    block_reduce2(sum_z, sum_u, Add(), shared);
+    double sums_z = sum_at(student, max_z, c.k), sums_u = sum_at(teacher, max_u, c.k);
+    block_reduce2(sums_z, sums_u, Add(), shared_sums);
 
-    if (skip || max_z == kNegInf || max_u == kNegInf) {  // block-uniform
-      // Every entry dropped (0), or every entry NaN (NaN).
-      const float value = skip ? 0.0f : (sum_z + sum_u) * 0.0f;
+    const float poison = static_cast<float>(sums_z + sums_u) * 0.0f;  // 0, or NaN where any entry was NaN
+    if (skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f) {  // block-uniform
+      // Every entry dropped, or one entry (q = p = 1): 0; a NaN somewhere: NaN loss and gradient,
+      // as on CPU.
+      const float value = skip ? 0.0f : poison;
       if (threadIdx.x == 0) prm.row_loss[row] = value;
       if (grad) {
         for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
@@ -180,24 +200,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
       continue;
     }
 
-    const float inv_sum_z = 1.0f / sum_z, inv_sum_u = 1.0f / sum_u;
-    const float log_sum_u_over_sum_z = logf(sum_u / sum_z);
-    auto terms = [&](float zv, float uv, float& q, float& p) {
-      const float shifted_z = zv - max_z, shifted_u = uv - max_u;
-      q = exp_nonpositive(shifted_z * inv_tau) * inv_sum_z;
-      p = exp_nonpositive(shifted_u * inv_tau) * inv_sum_u;
-      // log q - log p, formed so that it keeps its digits where q ~ p.
-      const float log_q_over_p = (shifted_z - shifted_u) * inv_tau + log_sum_u_over_sum_z;
-      return entry_terms<kReverse, kMixed>(log_q_over_p, q, p, zv == kNegInf || uv == kNegInf, c);
-    };
-
+    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c);
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
-    for_each_entry(z, u, vocab, [&](int64_t, float zv, float uv) {
-      float q, p;
-      const EntryTerms e = terms(zv, uv, q, p);
-      loss += e.term;
-      sum_qg += e.q_times_g;
-      sum_f += kReverse ? q : p;
+    for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
+#pragma unroll
+      for (int j = 0; j < length_of(zs); ++j) {
+        const Pass2Terms e = pass2_terms<kReverse, kMixed>(zs[j], us[j], r, c);
+        loss += e.term;
+        sum_qg += e.q_times_g;
+        sum_f += e.f;
+      }
     });
     block_reduce2(loss, sum_qg, Add(), shared);
     block_reduce2(sum_f, unused, Add(), shared);
@@ -207,10 +219,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm) {
     if (threadIdx.x == 0) prm.row_loss[row] = loss;
 
     if (grad) {
+      const float scale = prm.grad_scale;
       write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
-        float q, p;
-        const EntryTerms e = terms(zv, uv, q, p);
-        return entry_grad<kReverse>(q, saved_for_grad<kReverse>(e), {sum_qg, 0.0f}) * prm.grad_scale;
+        return pass3_grad<kReverse, kMixed>(zv, uv, r, c, sum_qg) * scale;
       });
     }
   }
@@ -222,12 +233,13 @@ void launch_typed(const ForwardParams& prm, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(prm.num_rows < kMaxBlocks ? prm.num_rows : kMaxBlocks);
   if (blocks == 0) return;
   const bool mixed = prm.constants.alpha != 0.0f;
+  const CallConstants c = call_constants(prm.constants);
   if (prm.reverse) {
-    if (mixed) forward_kernel<S, T, true, true><<<blocks, kThreads, 0, stream>>>(prm);
-    else forward_kernel<S, T, true, false><<<blocks, kThreads, 0, stream>>>(prm);
+    if (mixed) forward_kernel<S, T, true, true><<<blocks, kThreads, 0, stream>>>(prm, c);
+    else forward_kernel<S, T, true, false><<<blocks, kThreads, 0, stream>>>(prm, c);
   } else {
-    if (mixed) forward_kernel<S, T, false, true><<<blocks, kThreads, 0, stream>>>(prm);
-    else forward_kernel<S, T, false, false><<<blocks, kThreads, 0, stream>>>(prm);
+    if (mixed) forward_kernel<S, T, false, true><<<blocks, kThreads, 0, stream>>>(prm, c);
+    else forward_kernel<S, T, false, false><<<blocks, kThreads, 0, stream>>>(prm, c);
   }
 }
 

@@ -13,15 +13,18 @@
 // - Masked entries (either logit -inf) need no test of their own where IEEE arithmetic already
 //   gives 0; the tests left are the ones it does not.
 //
+// - log(f / m) = -log(alpha (1 + y)) is one lg2, except near f = s, where it is small and any
+//   log's absolute error would swamp it: there a degree-5 polynomial in log2(s / f).
+// - Pass-1 sums are compensated and merged in double; the row's log2(sum_u / sum_z) is taken
+//   in double. Either rounding enters a small loss whole.
+//
 // Error: each MUFU result is within 2^-22 (relative; lg2: absolute on [0.5, 2]) of the exact
-// value, against ~2^-24 for the rounding of the float formulas around it. The largest effect
-// is on log(f / m) = -log(alpha) - log1p(y) near f = s, where the two cancel: lg2's error there
-// is ~2^-22 |log2(1 + odds)|, as large as the rounding of -log(alpha) itself (the CPU kernels
-// have that one too). A per-entry error that is the same for every entry of a row (a bias)
-// cancels where a row is normalized: the sums of exps, and G, which carries the same bias as
-// each g. The CPU suite runs these formulas with every MUFU result moved by the full bound,
-// with hashed signs and with one sign throughout (approx_math.h), against the float64
-// reference at its usual tolerances.
+// value, against ~2^-24 for the rounding of the float formulas around it. An error common to
+// every entry of a row (a bias) cancels where the row is normalized: the sums of exps, and G,
+// which carries the same bias as each g. The CPU suite runs these formulas with every MUFU
+// result moved by the full bound, with hashed signs and with one sign throughout
+// (approx_math.h), against the float64 reference at its usual tolerances
+// (test_cuda_emulation.py).
 #pragma once
 
 #include "approx_math.h"
@@ -43,6 +46,7 @@ constexpr float kSeriesBelow = 1.0f / 32.0f;
 
 constexpr float kNearOptimum = 1.0f / 16.0f;  // |log2(s / f)| below which log(f / m) is a polynomial
 constexpr int kNearTerms = 5;
+constexpr int kChunk = 8;  // entries per vector step: 16 bytes of bf16/fp16, 32 of float
 
 // What every row of a call shares, rounded once on the host.
 struct CallConstants {
@@ -267,8 +271,6 @@ DISTILLM_HD float pass3_grad(float z, float u, const RowConstants& r, const Call
 // aligned; the `head` entries before that are read one per thread, so rows that start off a
 // boundary (V = 50257 in bf16: every other row) still use vector loads. Rows whose pointers
 // never align together (mixed dtypes, odd strides) take the same steps with scalar loads.
-constexpr int kChunk = 8;
-
 struct RowSpan {
   int64_t head;  // entries read one per thread before the vector steps
   bool vector;   // whether the steps may use 16-byte loads and stores

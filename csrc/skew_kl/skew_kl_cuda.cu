@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
       continue;
     }
 
-    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c);
+    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, prm.grad_scale);
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
     for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
 #pragma unroll
@@ -219,9 +219,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
     if (threadIdx.x == 0) prm.row_loss[row] = loss;
 
     if (grad) {
-      const float scale = prm.grad_scale;
       write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
-        return pass3_grad<kReverse, kMixed>(zv, uv, r, c, sum_qg) * scale;
+        return pass3_grad<kReverse, kMixed>(zv, uv, r, c, sum_qg);
       });
     }
   }

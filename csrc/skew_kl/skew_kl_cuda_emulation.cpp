@@ -82,7 +82,7 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
     return;
   }
 
-  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c);
+  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, prm.grad_scale);
   float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f;
   for (int t = 0; t < kThreads; ++t) {
     float thread_loss = 0.0f, thread_qg = 0.0f, thread_f = 0.0f;
@@ -105,7 +105,7 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
   for (int t = 0; t < kThreads; ++t) {
     for_each_entry(z, u, grad, vocab, t, [&](int64_t v, const auto& zs, const auto& us) {
       for (size_t j = 0; j < sizeof(zs) / sizeof(float); ++j) {
-        grad[v + j] = static_cast<S>(pass3_grad<kReverse, kMixed>(zs[j], us[j], r, c, sum_qg) * prm.grad_scale);
+        grad[v + j] = static_cast<S>(pass3_grad<kReverse, kMixed>(zs[j], us[j], r, c, sum_qg));
       }
     });
   }

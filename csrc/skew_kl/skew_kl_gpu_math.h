@@ -142,12 +142,14 @@ DISTILLM_HD double sum_at(const ExpSum& s, float row_max, float k) {
 struct RowConstants {
   float k, shift_z, shift_u, inv_sum_z, inv_sum_u;
   float log2_sum_ratio;  // log2(sum_u / sum_z): log2(q / p) = (a_z - a_u) + this
+  // The gradient's scale folded into the normalizations, one multiply per entry fewer.
+  float grad_inv_sum_z, grad_inv_sum_u;
 };
 
 // From the merged sums, still in double: log2(sum_u / sum_z) enters every log(q / p), so a
 // float rounding of either sum (2^-24) would move a small loss by ~1e-7.
 DISTILLM_HD RowConstants row_constants(float max_z, float max_u, double sum_z, double sum_u,
-                                       const CallConstants& c) {
+                                       const CallConstants& c, float grad_scale) {
   RowConstants r{};
   r.k = c.k;
   r.shift_z = shift_of(max_z, c.k);
@@ -155,6 +157,8 @@ DISTILLM_HD RowConstants row_constants(float max_z, float max_u, double sum_z, d
   r.inv_sum_z = static_cast<float>(1.0 / sum_z);
   r.inv_sum_u = static_cast<float>(1.0 / sum_u);
   r.log2_sum_ratio = static_cast<float>(log2(sum_u / sum_z));
+  r.grad_inv_sum_z = static_cast<float>(grad_scale / sum_z);
+  r.grad_inv_sum_u = static_cast<float>(grad_scale / sum_u);
   return r;
 }
 
@@ -192,14 +196,15 @@ DISTILLM_HD float skew_ratio(float log2_s_f, const CallConstants& c) {
   return fast_exp2(fminf(log2_s_f + c.log2_odds, kMaxLog2Y));
 }
 
-// log(f / m) = -log(alpha (1 + y)). Near f = s, where the loss is smallest and the plain form's
-// two logs (or lg2's absolute error) would swamp it, the polynomial in l = log2(s / f); beyond,
-// -ln2 lg2(alpha (1 + y)), within 2 ulp of |log(f / m)| >= 0.03 alpha (1 - alpha).
-DISTILLM_HD float log_f_over_m(float log2_s_f, float y, const CallConstants& c) {
+// log(f / m) = -log(alpha (1 + y)). Near f = s, where the loss is smallest and any log's
+// absolute error (lg2's, or the rounding of -log(alpha) - log1p(y)) would swamp it, the
+// polynomial in l = log2(s / f); beyond, `far`: -ln2 lg2(alpha (1 + y)) (SKL), or
+// -log(alpha) - log1p(y) where log1p(y) is needed anyway (SRKL), within 2^-22 ln2 absolute or
+// 2 ulp of |log(f / m)| >= 0.03 alpha (1 - alpha) there.
+DISTILLM_HD float log_f_over_m(float log2_s_f, float far, const CallConstants& c) {
   float poly = c.near[kNearTerms - 1];
 #pragma unroll
   for (int n = kNearTerms - 2; n >= 0; --n) poly = fmaf(poly, log2_s_f, c.near[n]);
-  const float far = -kLn2 * fast_log2(fmaf(c.alpha, y, c.alpha));
   return fabsf(log2_s_f) < kNearOptimum ? log2_s_f * poly : far;
 }
 
@@ -216,11 +221,13 @@ DISTILLM_HD Pass2Terms mixed_terms(float z, float u, const RowConstants& r, cons
   const bool dropped = (kReverse ? u : z) == kNegInf;
   // log(f / m) is finite there (-log(alpha)): selecting f rather than the term keeps the
   // compiler from branching around its computation, which costs more than it saves.
-  const float term = (dropped ? 0.0f : f) * log_f_over_m(log2_s_f, y, c);
+  const float kept_f = dropped ? 0.0f : f;
   if (kReverse) {
-    const float g = ys - log1p_of(y, one_plus_y);
-    return {term, f * (dropped ? -c.neg_log_alpha : g), f};
+    const float log1p_y = log1p_of(y, one_plus_y);
+    const float term = kept_f * log_f_over_m(log2_s_f, c.neg_log_alpha - log1p_y, c);
+    return {term, f * (dropped ? -c.neg_log_alpha : ys - log1p_y), f};
   }
+  const float term = kept_f * log_f_over_m(log2_s_f, -kLn2 * fast_log2(fmaf(c.alpha, y, c.alpha)), c);
   return {term, -f * ys, f};  // SKL: q g = -f (1 - alpha) s / m
 }
 
@@ -245,15 +252,16 @@ DISTILLM_HD Pass2Terms pass2_terms(float z, float u, const RowConstants& r, cons
   return plain_terms<kReverse>(z, u, r);
 }
 
-// Pass 3: tau dloss/dz = q (g - G), G = sum_qg (already divided by the f's sum).
+// Pass 3: the gradient, times the scale folded into grad_inv_sum_*: tau dloss/dz = q (g - G),
+// G = sum_qg (already divided by the f's sum).
 template <bool kReverse, bool kMixed>
 DISTILLM_HD float pass3_grad(float z, float u, const RowConstants& r, const CallConstants& c, float sum_qg) {
   const float a_z = base2(z, r.k, r.shift_z), a_u = base2(u, r.k, r.shift_u);
-  const float q = fast_exp2(a_z) * r.inv_sum_z;
+  const float q = fast_exp2(a_z) * r.grad_inv_sum_z;
   if (!kMixed) {
     const bool dropped = fminf(z, u) == kNegInf;
     if (kReverse) return q * ((dropped ? -1.0f : kLn2 * ((a_z - a_u) + r.log2_sum_ratio)) - sum_qg);
-    return (dropped ? 0.0f : -fast_exp2(a_u) * r.inv_sum_u) - q * sum_qg;  // FKL: q g = -p
+    return (dropped ? 0.0f : -fast_exp2(a_u) * r.grad_inv_sum_u) - q * sum_qg;  // FKL: q g = -p
   }
   const float y = skew_ratio(log2_s_over_f<kReverse>(a_z, a_u, r), c);
   const float one_plus_y = 1.0f + y;

@@ -11,12 +11,13 @@ TORCH_LIBRARY(distillm, m) {
       "float alpha=0.1, bool reverse=False, float temperature=1.0, int ignore_index=-100, "
       "str reduction=\"mean\") -> Tensor");
   // Per-position loss (float32, leading shape) and, if compute_grad, grad_scale times
-  // d(loss_row)/d(student) in the student's dtype and shape (an empty tensor otherwise). The
-  // building block of skew_kl.
+  // d(loss_row)/d(student) in the student's dtype and shape (an empty tensor otherwise),
+  // divided by grad_divisor if given (one float32 element on the logits' device, which the
+  // kernel reads: a mean's count costs no host sync). The building block of skew_kl.
   m.def(
       "_skew_kl_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "float alpha, bool reverse, float temperature, int ignore_index, bool compute_grad, "
-      "float grad_scale=1.0) -> (Tensor row_loss, Tensor grad)");
+      "float grad_scale=1.0, Tensor? grad_divisor=None) -> (Tensor row_loss, Tensor grad)");
 
   // The same losses from the final hidden states and the output embeddings (vocabulary rows
   // 0..min(Vs, Vt)-1), a chunk of positions at a time, never building [positions, V] logits.

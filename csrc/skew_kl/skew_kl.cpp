@@ -1,5 +1,6 @@
 // Torch glue of distillm::_skew_kl_forward: input checks, allocation, the raw-pointer view the
-// schedules take, and the CPU / CUDA / Meta registrations.
+// schedules take, and the CPU / CUDA / Meta registrations; and the backward's scaling of the
+// gradient it returns (gradient_scale.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,7 +8,9 @@
 #include <vector>
 
 #include "cpu_gradient_cache.h"
+#include "gradient_scale.h"
 #include "no_kernel.h"
+#include "reduction.h"
 #include "skew_kl_cpu.h"
 
 #ifdef DISTILLM_WITH_CUDA
@@ -117,6 +120,15 @@ at::Tensor with_row_layout(const at::Tensor& t, RowLayout& layout) {
   return copy;
 }
 
+void check_divisor(const at::Tensor& student, const std::optional<at::Tensor>& divisor) {
+  if (!divisor) return;
+  TORCH_CHECK(divisor->scalar_type() == at::kFloat && divisor->sym_numel() == 1,
+              "skew_kl: grad_divisor must be one float32 element, got ", divisor->scalar_type(),
+              " of shape ", divisor->sym_sizes());
+  TORCH_CHECK(divisor->device() == student.device(), "skew_kl: grad_divisor must be on the device "
+              "of the logits (", student.device(), "), got ", divisor->device());
+}
+
 std::vector<c10::SymInt> leading_shape(const at::Tensor& t) {
   const auto sizes = t.sym_sizes();
   return {sizes.begin(), sizes.end() - 1};
@@ -133,8 +145,10 @@ std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, b
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const at::Tensor& teacher,
                                                 const std::optional<at::Tensor>& labels, double alpha,
                                                 bool reverse, double temperature, int64_t ignore_index,
-                                                bool compute_grad, double grad_scale) {
+                                                bool compute_grad, double grad_scale,
+                                                const std::optional<at::Tensor>& grad_divisor) {
   check_inputs(student, teacher, labels, alpha, temperature);
+  check_divisor(student, grad_divisor);
   auto [row_loss, grad] = allocate_outputs(student, compute_grad);
   const int64_t vocab = student.size(-1);
   const int64_t num_rows = student.numel() / vocab;
@@ -157,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   prm.grad = compute_grad ? grad.data_ptr() : nullptr;
   prm.constants = make_constants(alpha, temperature);
   prm.grad_scale = static_cast<float>(grad_scale / temperature);  // d/dz carries 1/tau
+  prm.grad_divisor = compute_grad && grad_divisor ? grad_divisor->data_ptr<float>() : nullptr;
   prm.reverse = reverse;
 
   if (student.is_cpu()) {
@@ -178,8 +193,10 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& student, const
                                                 const std::optional<at::Tensor>& labels, double alpha,
                                                 bool /*reverse*/, double temperature,
                                                 int64_t /*ignore_index*/, bool compute_grad,
-                                                double /*grad_scale*/) {
+                                                double /*grad_scale*/,
+                                                const std::optional<at::Tensor>& grad_divisor) {
   check_inputs(student, teacher, labels, alpha, temperature);
+  check_divisor(student, grad_divisor);
   return allocate_outputs(student, compute_grad);
 }
 
@@ -192,3 +209,26 @@ TORCH_LIBRARY_IMPL(distillm, CUDA, m) { m.impl("_skew_kl_forward", &forward_impl
 #endif
 
 }  // namespace distillm::skew_kl_impl
+
+namespace distillm {
+
+void scale_unless_one_(at::Tensor& grad, const at::Tensor& factor) {
+  if (is_exactly_one_on_cpu(factor)) return;
+#ifdef DISTILLM_WITH_CUDA
+  if (grad.is_cuda() && factor.is_cuda() && factor.numel() == 1 && grad.is_contiguous() &&
+      !at::isTensorSubclassLike(grad) && !at::isTensorSubclassLike(factor)) {
+    const c10::cuda::CUDAGuard device_guard(grad.device());
+    // A temporary is safe: the caching allocator reuses its memory only after this stream's
+    // kernel has read it.
+    const at::Tensor f = factor.to(at::kFloat).contiguous();
+    skew_kl_impl::scale_unless_one_cuda(grad.data_ptr(), skew_kl_impl::dtype_code(grad.scalar_type()),
+                                        grad.numel(), f.data_ptr<float>(),
+                                        c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+#endif
+  grad.mul_(factor);
+}
+
+}  // namespace distillm

@@ -20,12 +20,14 @@ at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_l
 
 // The building block of skew_kl (torch.ops.distillm._skew_kl_forward): the float32 loss per
 // position and, if compute_grad, grad_scale * d(loss_row)/d(student_logits) in the student's
-// dtype and shape (an empty tensor otherwise). Not differentiable itself.
+// dtype and shape (an empty tensor otherwise), divided by grad_divisor if given (one float32
+// element on the logits' device). Not differentiable itself.
 std::tuple<at::Tensor, at::Tensor> skew_kl_rows(const at::Tensor& student_logits,
                                                 const at::Tensor& teacher_logits,
                                                 const std::optional<at::Tensor>& labels,
                                                 double alpha, bool reverse, double temperature,
                                                 int64_t ignore_index, bool compute_grad,
-                                                double grad_scale);
+                                                double grad_scale,
+                                                const std::optional<at::Tensor>& grad_divisor = std::nullopt);
 
 }  // namespace distillm

@@ -4,10 +4,11 @@
 // The forward computes each row's gradient in the same pass as its loss (the kernels read the
 // logits once for both), and the backward only scales it, in place, by the incoming gradient.
 // Peak memory of forward + backward is therefore inputs + one gradient tensor + O(rows).
-// On CPU the mean's 1/count is known on the host before the kernel runs, so the kernel writes
-// it in, and a backward whose incoming gradient is exactly 1 (`loss.backward()`) leaves the
-// gradient alone: the scaling pass reads and writes a tensor of the logits' size, some 10% of
-// a CPU forward + backward. On CUDA reading the count would wait for the device.
+// The mean's 1/count goes into the kernel: as a number where the host knows it (CPU labels, or
+// no labels), else as a device scalar the kernel reads (CUDA labels: no sync). A backward whose
+// incoming gradient is exactly 1 (`loss.backward()`) then leaves the gradient alone: the
+// scaling pass reads and writes a tensor of the logits' size, some 10% of a CPU forward +
+// backward, and on CUDA a third of the bytes of the fused kernel itself (gradient_scale.h).
 #include "skew_kl.h"
 
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "gradient_scale.h"
 #include "reduction.h"
 
 namespace distillm {
@@ -30,18 +32,27 @@ class SkewKLFunction : public torch::autograd::Function<SkewKLFunction> {
                             double alpha, bool reverse, double temperature, int64_t ignore_index,
                             Reduction reduction, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const bool mean_in_kernel = compute_grad && reduction == Reduction::kMean &&
-                                holds_host_data(student) && (!labels || holds_host_data(*labels));
-    const double grad_scale =
-        mean_in_kernel ? 1.0 / host_valid_count(leading_positions(student), labels, ignore_index) : 1.0;
-    auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
-                                            ignore_index, compute_grad, grad_scale);
+    // "mean": the count of valid positions, as a number where the host knows it for free (the
+    // rows of real logits without labels; plain CPU labels), else as a device scalar.
+    double grad_scale = 1.0;
     at::Tensor count;
-    if (reduction == Reduction::kMean) count = valid_count(row_loss, labels, ignore_index);
+    std::optional<at::Tensor> grad_divisor;
+    if (reduction == Reduction::kMean) {
+      const bool host_count = labels ? holds_host_data(*labels) : !at::isTensorSubclassLike(student);
+      if (host_count) {
+        const double n = host_valid_count(leading_positions(student), labels, ignore_index);
+        grad_scale = 1.0 / n;
+        count = at::scalar_tensor(n, student.options().dtype(at::kFloat));
+      } else {
+        const at::Tensor valid = labels ? labels->ne(ignore_index) : at::ones_like(student.select(-1, 0));
+        count = valid.sum(at::kFloat).clamp_min(1.0);
+        if (compute_grad) grad_divisor = count;
+      }
+    }
+    auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
+                                         ignore_index, compute_grad, grad_scale, grad_divisor);
     if (compute_grad) {
-      ctx->saved_data["grad"] = grad;
-      // What the backward still has to divide by: the count, unless the kernel did.
-      ctx->saved_data["count"] = mean_in_kernel ? at::Tensor() : count;
+      ctx->saved_data["grad"] = grad;  // already divided by the count for "mean"
       ctx->saved_data["reduction"] = static_cast<int64_t>(reduction);
     }
     return reduce(row_loss, count, reduction);
@@ -60,16 +71,9 @@ class SkewKLFunction : public torch::autograd::Function<SkewKLFunction> {
     saved->second = c10::IValue();  // the returned tensor is the only owner from here on
 
     const at::Tensor& grad_output = grad_outputs[0];
-    const at::Tensor count = ctx->saved_data["count"].toTensor();
     switch (static_cast<Reduction>(ctx->saved_data["reduction"].toInt())) {
       case Reduction::kMean:
-      case Reduction::kSum:
-        if (count.defined()) {
-          grad.mul_(grad_output / count);
-        } else if (!is_exactly_one_on_cpu(grad_output)) {
-          grad.mul_(grad_output);
-        }
-        break;
+      case Reduction::kSum: scale_unless_one_(grad, grad_output); break;
       case Reduction::kNone: grad.mul_(grad_output.unsqueeze(-1)); break;
     }
     grads[0] = grad;
@@ -92,7 +96,8 @@ at::Tensor skew_kl_no_grad(const at::Tensor& student, const at::Tensor& teacher,
                            double temperature, int64_t ignore_index, c10::string_view reduction) {
   const Reduction r = parse_reduction("skew_kl", reduction);
   auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
-                                          ignore_index, /*compute_grad=*/false, /*grad_scale=*/1.0);
+                                          ignore_index, /*compute_grad=*/false, /*grad_scale=*/1.0,
+                                          /*grad_divisor=*/std::nullopt);
   const at::Tensor count = r == Reduction::kMean ? valid_count(row_loss, labels, ignore_index) : at::Tensor();
   return reduce(row_loss, count, r);
 }
@@ -104,15 +109,17 @@ std::tuple<at::Tensor, at::Tensor> skew_kl_rows(const at::Tensor& student,
                                                    const std::optional<at::Tensor>& labels,
                                                    double alpha, bool reverse, double temperature,
                                                    int64_t ignore_index, bool compute_grad,
-                                                   double grad_scale) {
+                                                   double grad_scale,
+                                                   const std::optional<at::Tensor>& grad_divisor) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("distillm::_skew_kl_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                     const std::optional<at::Tensor>&, double, bool,
-                                                    double, int64_t, bool, double)>();
+                                                    double, int64_t, bool, double,
+                                                    const std::optional<at::Tensor>&)>();
   return op.call(student, teacher, labels, alpha, reverse, temperature, ignore_index, compute_grad,
-                 grad_scale);
+                 grad_scale, grad_divisor);
 }
 
 at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_logits,

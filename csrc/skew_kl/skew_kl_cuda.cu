@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
       continue;
     }
 
-    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, prm.grad_scale);
+    const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
+    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
     for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
 #pragma unroll
@@ -251,7 +252,32 @@ void launch_with_student(const ForwardParams& prm, cudaStream_t stream) {
   }
 }
 
+template <typename T>
+__global__ void scale_unless_one_kernel(T* data, int64_t n, const float* factor) {
+  const float f = *factor;
+  if (f == 1.0f) return;  // loss.backward() of a mean: nothing to read or write
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    data[i] = from_float<T>(to_float(data[i]) * f);
+  }
+}
+
 }  // namespace
+
+void scale_unless_one_cuda(void* data, DType dtype, int64_t n, const float* factor, cudaStream_t stream) {
+  if (n == 0) return;
+  constexpr int64_t kScaleThreads = 256, kMaxScaleBlocks = 1 << 16;
+  const int64_t wanted = (n + kScaleThreads - 1) / kScaleThreads;
+  const unsigned blocks = static_cast<unsigned>(wanted < kMaxScaleBlocks ? wanted : kMaxScaleBlocks);
+  switch (dtype) {
+    case DType::kFloat32:
+      return scale_unless_one_kernel<<<blocks, kScaleThreads, 0, stream>>>(static_cast<float*>(data), n, factor);
+    case DType::kFloat16:
+      return scale_unless_one_kernel<<<blocks, kScaleThreads, 0, stream>>>(static_cast<__half*>(data), n, factor);
+    case DType::kBFloat16:
+      return scale_unless_one_kernel<<<blocks, kScaleThreads, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n,
+                                                                            factor);
+  }
+}
 
 void skew_kl_forward_cuda(const ForwardParams& prm, cudaStream_t stream) {
   switch (prm.student_dtype) {

@@ -82,7 +82,8 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
     return;
   }
 
-  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, prm.grad_scale);
+  const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
+  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
   float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f;
   for (int t = 0; t < kThreads; ++t) {
     float thread_loss = 0.0f, thread_qg = 0.0f, thread_f = 0.0f;

@@ -219,6 +219,8 @@ struct ForwardParams {
   float* row_loss;        // (rows,) out
   void* grad;             // (rows, vocab) contiguous, student dtype; nullptr: loss only
   float grad_scale;       // the kernels write q (g - G) times this: the caller's scale over tau
+  const float* grad_divisor;  // nullptr, or one float the gradient is also divided by (the
+                              // CUDA kernel reads it on the device; the CPU folds it first)
   Constants constants;
   bool reverse;
 };

@@ -78,3 +78,22 @@ def test_unknown_error_model_is_a_clear_error():
     result = run_emulated("exact", "-c", "import torch, distillm_ext; distillm_ext.skew_kl(torch.zeros(1, 3), torch.zeros(1, 3))")
     assert result.returncode != 0
     assert "DISTILLM_CUDA_EMULATION=exact is not an error model; use one of hashed, high, low" in result.stderr
+
+
+def test_kernel_reads_the_gradient_divisor():
+    """On CUDA the mean's count reaches the kernel as a device scalar it reads per row; the
+    emulation reads it the same way (the CPU kernels fold it on the host instead)."""
+    script = """
+import torch, distillm_ext
+generator = torch.Generator().manual_seed(0)
+student, teacher = torch.randn(2, 6, 300, generator=generator) * 3, torch.randn(2, 6, 300, generator=generator) * 3
+labels = torch.tensor([[1, -100, 2, 3, -100, 4], [5, 6, -100, 7, 8, 9]])
+forward = torch.ops.distillm._skew_kl_forward
+for reverse in (False, True):
+    loss, grad = forward(student, teacher, labels, 0.1, reverse, 1.0, -100, True, 1.0)
+    divided_loss, divided = forward(student, teacher, labels, 0.1, reverse, 1.0, -100, True, 2.0, torch.tensor(8.0))
+    torch.testing.assert_close(divided_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(divided, 0.25 * grad, rtol=1e-6, atol=1e-9)
+"""
+    result = run_emulated("hashed", "-c", script)
+    assert result.returncode == 0, result.stderr[-4000:]

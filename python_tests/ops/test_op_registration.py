@@ -88,3 +88,10 @@ def test_cuda_matches_cpu():
         gpu = distillm_ext.skew_kl(student.cuda(), teacher.cuda(), labels.cuda(), reverse=reverse,
                                    reduction="none")
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=2e-6, atol=2e-6)
+
+
+def test_opcheck_forward_building_block_with_a_gradient_divisor(device):
+    student, teacher, labels = sample_inputs(device, requires_grad=False)
+    divisor = torch.tensor(3.0, device=device)
+    args = (student, teacher, labels, 0.1, False, 1.0, -100, True, 2.0, divisor)
+    torch.library.opcheck(torch.ops.distillm._skew_kl_forward.default, args)

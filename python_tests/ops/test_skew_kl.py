@@ -297,3 +297,28 @@ def test_backward_scales_by_the_incoming_gradient(device):
         (factor * distillm_ext.skew_kl(s, teacher, labels)).backward()
         grads.append(s.grad)
     torch.testing.assert_close(grads[1], -2.5 * grads[0])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradient_divisor_is_applied_by_the_kernel(device, reverse):
+    """grad_divisor (a one-element tensor; a mean's count on CUDA, read by the kernel) divides
+    the gradient as grad_scale multiplies it, and leaves the loss alone."""
+    student, teacher = make_inputs((6, 97), device)
+    labels = make_labels((6,), device)
+    forward = torch.ops.distillm._skew_kl_forward
+    loss, grad = forward(student, teacher, labels, 0.1, reverse, 0.7, -100, True, 1.0)
+    divided_loss, divided = forward(student, teacher, labels, 0.1, reverse, 0.7, -100, True, 3.0,
+                                    torch.tensor(4.0, device=device))
+    torch.testing.assert_close(divided_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(divided, 0.75 * grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("divisor, message", [
+    (torch.tensor(2.0, dtype=torch.float64), "grad_divisor must be one float32 element"),
+    (torch.tensor([2.0, 3.0]), "grad_divisor must be one float32 element"),
+])
+def test_bad_gradient_divisor_is_a_clear_error(divisor, message):
+    student, teacher = make_inputs((2, 5), "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.distillm._skew_kl_forward(student, teacher, None, 0.1, False, 1.0, -100, True, 1.0, divisor)
+

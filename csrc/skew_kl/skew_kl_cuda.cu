@@ -167,6 +167,7 @@ constexpr int length_of(const float (&)[N]) { return N; }
 
 template <typename S, typename T, bool kReverse, bool kMixed>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, CallConstants c) {
+  constexpr bool kTwoPasses = !kReverse && !kMixed;  // FKL: see PairSums
   __shared__ float shared[kThreads / 32][2];
   __shared__ double shared_sums[kThreads / 32][2];
   const int64_t vocab = prm.vocab;
@@ -176,17 +177,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
     const T* u = static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row);
     const bool skip = prm.labels != nullptr && prm.labels[row] == prm.ignore_index;
 
-    ExpSum student, teacher;
+    PairSums<kTwoPasses> pass1;
     if (!skip) {
-      for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
-        add_entries(student, zs, c.k);
-        add_entries(teacher, us, c.k);
-      });
+      for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) { add_pair(pass1, zs, us, c.k); });
     }
-    float max_z = student.max, max_u = teacher.max;
+    float max_z = pass1.student.max, max_u = pass1.teacher.max;
     block_reduce2(max_z, max_u, Max(), shared);
-    double sums_z = sum_at(student, max_z, c.k), sums_u = sum_at(teacher, max_u, c.k);
+    double sums_z = sum_at(pass1.student, max_z, c.k), sums_u = sum_at(pass1.teacher, max_u, c.k);
     block_reduce2(sums_z, sums_u, Add(), shared_sums);
+    double dropped_mass = 0.0, unused_mass = 0.0;
+    if constexpr (kTwoPasses) {
+      dropped_mass = at_row_max(pass1.dropped_mass, pass1.teacher, max_u, c.k);
+      block_reduce2(dropped_mass, unused_mass, Add(), shared_sums);
+    }
 
     const float poison = static_cast<float>(sums_z + sums_u) * 0.0f;  // 0, or NaN where any entry was NaN
     if (skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f) {  // block-uniform
@@ -203,6 +206,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
     const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
     const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
+    if constexpr (kTwoPasses) {
+      if (grad) {  // FKL: G from pass 1; loss and gradient in one pass
+        sum_qg = static_cast<float>(-(sums_u - dropped_mass) / sums_u);
+        write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
+          const Pass2Terms e = plain_terms<false>(zv, uv, r);
+          loss += e.term;
+          sum_f += e.f;
+          return pass3_grad<false, false>(zv, uv, r, c, sum_qg);
+        });
+        block_reduce2(loss, sum_f, Add(), shared);
+        if (threadIdx.x == 0) prm.row_loss[row] = loss / sum_f;
+        continue;
+      }
+    }
     for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
 #pragma unroll
       for (int j = 0; j < length_of(zs); ++j) {

@@ -58,20 +58,20 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
   const bool skip = prm.labels != nullptr && prm.labels[row] == prm.ignore_index;
   const S* no_output = nullptr;
 
-  std::vector<ExpSum> students(kThreads), teachers(kThreads);
+  constexpr bool kTwoPasses = !kReverse && !kMixed;
+  std::vector<PairSums<kTwoPasses>> pass1(kThreads);
   float max_z = kNegInf, max_u = kNegInf;
   for (int t = 0; t < kThreads && !skip; ++t) {
-    for_each_entry(z, u, no_output, vocab, t, [&](int64_t, const auto& zs, const auto& us) {
-      add_entries(students[t], zs, c.k);
-      add_entries(teachers[t], us, c.k);
-    });
-    max_z = fmaxf(max_z, students[t].max);
-    max_u = fmaxf(max_u, teachers[t].max);
+    for_each_entry(z, u, no_output, vocab, t,
+                   [&](int64_t, const auto& zs, const auto& us) { add_pair(pass1[t], zs, us, c.k); });
+    max_z = fmaxf(max_z, pass1[t].student.max);
+    max_u = fmaxf(max_u, pass1[t].teacher.max);
   }
-  double sums_z = 0.0, sums_u = 0.0;
+  double sums_z = 0.0, sums_u = 0.0, dropped_mass = 0.0;
   for (int t = 0; t < kThreads; ++t) {
-    sums_z += sum_at(students[t], max_z, c.k);
-    sums_u += sum_at(teachers[t], max_u, c.k);
+    sums_z += sum_at(pass1[t].student, max_z, c.k);
+    sums_u += sum_at(pass1[t].teacher, max_u, c.k);
+    if (kTwoPasses) dropped_mass += at_row_max(pass1[t].dropped_mass, pass1[t].teacher, max_u, c.k);
   }
 
   const float poison = static_cast<float>(sums_z + sums_u) * 0.0f;
@@ -85,6 +85,24 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
   const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
   const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
   float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f;
+  if (kTwoPasses && grad) {  // FKL: G from pass 1; loss and gradient in one pass
+    sum_qg = static_cast<float>(-(sums_u - dropped_mass) / sums_u);
+    for (int t = 0; t < kThreads; ++t) {
+      float thread_loss = 0.0f, thread_f = 0.0f;
+      for_each_entry(z, u, grad, vocab, t, [&](int64_t v, const auto& zs, const auto& us) {
+        for (size_t j = 0; j < sizeof(zs) / sizeof(float); ++j) {
+          const Pass2Terms e = plain_terms<false>(zs[j], us[j], r);
+          thread_loss += e.term;
+          thread_f += e.f;
+          grad[v + j] = static_cast<S>(pass3_grad<false, false>(zs[j], us[j], r, c, sum_qg));
+        }
+      });
+      loss += thread_loss;
+      sum_f += thread_f;
+    }
+    prm.row_loss[row] = loss / sum_f;
+    return;
+  }
   for (int t = 0; t < kThreads; ++t) {
     float thread_loss = 0.0f, thread_qg = 0.0f, thread_f = 0.0f;
     for_each_entry(z, u, no_output, vocab, t, [&](int64_t, const auto& zs, const auto& us) {

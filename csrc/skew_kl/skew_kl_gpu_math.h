@@ -105,37 +105,65 @@ DISTILLM_HD float tree_sum(float (&x)[N]) {
 }
 
 // Adds N entries (N a power of 2): one max over them, a rescale of the sum only if it grows,
-// one ex2 each. fmaxf ignores NaN (as FMNMX does); a NaN entry reaches the sum through its ex2.
+// one ex2 each (left in `exps`). fmaxf ignores NaN (as FMNMX does); a NaN entry reaches the sum
+// through its ex2. Returns the factor the earlier sum was rescaled by (1 if none).
 template <int N>
-DISTILLM_HD void add_entries(ExpSum& s, const float (&x)[N], float k) {
+DISTILLM_HD float add_entries(ExpSum& s, const float (&x)[N], float k, float (&exps)[N]) {
   float chunk_max = x[0];
 #pragma unroll
   for (int j = 1; j < N; ++j) chunk_max = fmaxf(chunk_max, x[j]);
+  float factor = 1.0f;
   if (chunk_max > s.max) {
     const float shift = shift_of(chunk_max, k);
     if (s.max != kNegInf) {
-      const float factor = fast_exp2(s.shift - shift);
+      factor = fast_exp2(s.shift - shift);
       s.sum *= factor;
       s.compensation *= factor;
     }
     s.max = chunk_max;
     s.shift = shift;
   }
-  float exps[N];
+  float tree[N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) exps[j] = fast_exp2(fmaf(x[j], k, -s.shift));
-  const float added = tree_sum(exps) - s.compensation;
+  for (int j = 0; j < N; ++j) tree[j] = exps[j] = fast_exp2(fmaf(x[j], k, -s.shift));
+  const float added = tree_sum(tree) - s.compensation;
   const float total = s.sum + added;
   s.compensation = (total - s.sum) - added;
   s.sum = total;
+  return factor;
 }
 
-// A thread's sum at the row's maximum, in double for the merge. A thread whose maximum stayed
-// -inf saw only -inf (sum 0) or NaN (sum NaN) entries: its sum is taken as is, so a NaN
-// reaches the row.
+// A value summed at a thread's shift, moved to the row's maximum (in double, for the merge). A
+// thread whose maximum stayed -inf saw only -inf (sum 0) or NaN (sum NaN) entries: its value
+// is taken as is, so a NaN reaches the row.
+DISTILLM_HD double at_row_max(double value, const ExpSum& s, float row_max, float k) {
+  return s.max == kNegInf ? value : value * fast_exp2(s.shift - shift_of(row_max, k));
+}
+
 DISTILLM_HD double sum_at(const ExpSum& s, float row_max, float k) {
-  const double sum = static_cast<double>(s.sum) - static_cast<double>(s.compensation);
-  return s.max == kNegInf ? sum : sum * fast_exp2(s.shift - shift_of(row_max, k));
+  return at_row_max(static_cast<double>(s.sum) - static_cast<double>(s.compensation), s, row_max, k);
+}
+
+// Pass 1 over both inputs. FKL (alpha = 0, forward: kDroppedMass) also sums the teacher's exps
+// where the student's logit is -inf. Those entries are dropped from the loss, so G = -(the
+// teacher's kept mass) = -(1 - dropped_mass / sum_u) is known after pass 1, and the loss and
+// the gradient can share the second pass: two reads of the logits instead of three.
+template <bool kDroppedMass>
+struct PairSums {
+  ExpSum student, teacher;
+  float dropped_mass = 0.0f;  // at the teacher's shift
+};
+
+template <bool kDroppedMass, int N>
+DISTILLM_HD void add_pair(PairSums<kDroppedMass>& s, const float (&zs)[N], const float (&us)[N], float k) {
+  float student_exps[N], teacher_exps[N];
+  add_entries(s.student, zs, k, student_exps);
+  const float factor = add_entries(s.teacher, us, k, teacher_exps);
+  if constexpr (kDroppedMass) {
+    s.dropped_mass *= factor;
+#pragma unroll
+    for (int j = 0; j < N; ++j) s.dropped_mass += zs[j] == kNegInf ? teacher_exps[j] : 0.0f;
+  }
 }
 
 // Passes 2 and 3: what one row's entries share, once its maxima and sums are known.

@@ -172,6 +172,9 @@ struct RowConstants {
   float log2_sum_ratio;  // log2(sum_u / sum_z): log2(q / p) = (a_z - a_u) + this
   // The gradient's scale folded into the normalizations, one multiply per entry fewer.
   float grad_inv_sum_z, grad_inv_sum_u;
+  // log2(y) = log2(odds) + log2(s / f) = this -+ (a_z - a_u) for SKL (+) and SRKL (-): one add
+  // per entry where log2(s / f) itself is not needed.
+  float log2_y_offset[2];
 };
 
 // From the merged sums, still in double: log2(sum_u / sum_z) enters every log(q / p), so a
@@ -187,19 +190,24 @@ DISTILLM_HD RowConstants row_constants(float max_z, float max_u, double sum_z, d
   r.log2_sum_ratio = static_cast<float>(log2(sum_u / sum_z));
   r.grad_inv_sum_z = static_cast<float>(grad_scale / sum_z);
   r.grad_inv_sum_u = static_cast<float>(grad_scale / sum_u);
+  r.log2_y_offset[0] = c.log2_odds + r.log2_sum_ratio;
+  r.log2_y_offset[1] = c.log2_odds - r.log2_sum_ratio;
   return r;
 }
 
 // log(1 + y) for finite y >= 0 and its rounded 1 + y. Below 1/32: y times the series of
 // log1p(y) / y to y^4 (truncation < 5.2e-9 relative). Above: ln2 lg2(1 + y), within
 // 2^-22 ln2 = 1.7e-7 (1 + y < 2) or 2 ulp (beyond) of it, plus 2^-24 from rounding 1 + y.
-DISTILLM_HD float log1p_of(float y, float one_plus_y) {
+DISTILLM_HD float log1p_series(float y) {  // log1p(y) / y, for y < kSeriesBelow
   const float t = -y;
   float series = fmaf(t, 1.0f / 5.0f, 1.0f / 4.0f);
   series = fmaf(series, t, 1.0f / 3.0f);
   series = fmaf(series, t, 0.5f);
-  series = fmaf(series, t, 1.0f);
-  return y < kSeriesBelow ? y * series : kLn2 * fast_log2(one_plus_y);
+  return fmaf(series, t, 1.0f);
+}
+
+DISTILLM_HD float log1p_of(float y, float one_plus_y) {
+  return y < kSeriesBelow ? y * log1p_series(y) : kLn2 * fast_log2(one_plus_y);
 }
 
 // What pass 2 sums for one entry (all 0 on dropped entries, as in skew_kl_math.h).
@@ -291,10 +299,14 @@ DISTILLM_HD float pass3_grad(float z, float u, const RowConstants& r, const Call
     if (kReverse) return q * ((dropped ? -1.0f : kLn2 * ((a_z - a_u) + r.log2_sum_ratio)) - sum_qg);
     return (dropped ? 0.0f : -fast_exp2(a_u) * r.grad_inv_sum_u) - q * sum_qg;  // FKL: q g = -p
   }
-  const float y = skew_ratio(log2_s_over_f<kReverse>(a_z, a_u, r), c);
+  const float d = a_z - a_u;
+  const float y = fast_exp2(fminf(kReverse ? r.log2_y_offset[1] - d : r.log2_y_offset[0] + d, kMaxLog2Y));
   const float one_plus_y = 1.0f + y;
   const float inv_one_plus_y = fast_rcp(one_plus_y);
   if (kReverse) {
+    // g first, then G: g ~ -y^2 / 2 keeps its digits, and g - G rounds once (subtracting G
+    // from y / (1 + y) first cost the two-entry rows a second rounding at G's scale, 1.1x the
+    // float64 bound).
     const float g = y * inv_one_plus_y - log1p_of(y, one_plus_y);
     return q * ((u == kNegInf ? -c.neg_log_alpha : g) - sum_qg);
   }

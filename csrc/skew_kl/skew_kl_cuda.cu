@@ -1,9 +1,10 @@
 // CUDA schedule of the skew KL forward: one block per row, one launch for loss and gradient.
 //
 // Pass 1 keeps an online (max, sum of exps) per thread for student and teacher; pass 2 sums
-// the loss terms and G = sum q g; pass 3 (gradient only) writes q (g - G) / tau. Rows are
-// re-read (mostly from L2) in passes 2 and 3. Loads and stores are 16 bytes wide where the
-// rows are aligned.
+// the loss terms and G = sum q g; pass 3 (gradient only) writes q (g - G) / tau. FKL needs no
+// pass 3: its G comes from pass 1, and pass 2 writes the gradient (PairSums). Each pass reads
+// the rows again (from DRAM at large vocabularies: docs/row_caching.md), 16 bytes per load
+// from the first aligned entry on. The per-entry formulas: skew_kl_gpu_math.h.
 // Torch-free, so nvcc compiles it in seconds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -163,7 +164,7 @@ struct Max {
 };
 
 template <int N>
-constexpr int length_of(const float (&)[N]) { return N; }
+constexpr int length_of(const float (&)[N]) { return N; }  // chunk or single entry
 
 template <typename S, typename T, bool kReverse, bool kMixed>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, CallConstants c) {

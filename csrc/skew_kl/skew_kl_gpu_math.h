@@ -42,7 +42,7 @@ using approx::fast_rcp;
 constexpr double kLog2eDouble = 1.4426950408889634;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kMaxLog2Y = 99.0f;  // y <= 2^99: 1 + y and 1 / (1 + y) stay finite and normal
-constexpr float kSeriesBelow = 1.0f / 32.0f;
+constexpr float kSeriesBelow = 1.0f / 32.0f;  // y below which log1p(y) is a series
 
 constexpr float kNearOptimum = 1.0f / 16.0f;  // |log2(s / f)| below which log(f / m) is a polynomial
 constexpr int kNearTerms = 5;
@@ -195,10 +195,8 @@ DISTILLM_HD RowConstants row_constants(float max_z, float max_u, double sum_z, d
   return r;
 }
 
-// log(1 + y) for finite y >= 0 and its rounded 1 + y. Below 1/32: y times the series of
-// log1p(y) / y to y^4 (truncation < 5.2e-9 relative). Above: ln2 lg2(1 + y), within
-// 2^-22 ln2 = 1.7e-7 (1 + y < 2) or 2 ulp (beyond) of it, plus 2^-24 from rounding 1 + y.
-DISTILLM_HD float log1p_series(float y) {  // log1p(y) / y, for y < kSeriesBelow
+// log1p(y) / y to y^4, for y < kSeriesBelow: truncation < 5.2e-9 relative.
+DISTILLM_HD float log1p_series(float y) {
   const float t = -y;
   float series = fmaf(t, 1.0f / 5.0f, 1.0f / 4.0f);
   series = fmaf(series, t, 1.0f / 3.0f);
@@ -206,6 +204,9 @@ DISTILLM_HD float log1p_series(float y) {  // log1p(y) / y, for y < kSeriesBelow
   return fmaf(series, t, 1.0f);
 }
 
+// log(1 + y) for finite y >= 0 and its rounded 1 + y: the series below 1/32, where lg2's
+// absolute error would swamp log1p(y) ~ y; above, ln2 lg2(1 + y), within 2^-22 ln2 = 1.7e-7
+// (1 + y < 2) or 2 ulp (beyond) of it, plus 2^-24 from rounding 1 + y.
 DISTILLM_HD float log1p_of(float y, float one_plus_y) {
   return y < kSeriesBelow ? y * log1p_series(y) : kLn2 * fast_log2(one_plus_y);
 }
@@ -219,17 +220,19 @@ struct Pass2Terms {
 
 DISTILLM_HD float base2(float x, float k, float shift) { return fmaf(x, k, -shift); }
 
-// log2(s / f) from the logits' difference: keeps its digits where s ~ f.
+// log2(s / f) from d = a_z - a_u, the logits' difference: keeps its digits where s ~ f.
 template <bool kReverse>
-DISTILLM_HD float log2_s_over_f(float a_z, float a_u, const RowConstants& r) {
-  const float log2_q_over_p = (a_z - a_u) + r.log2_sum_ratio;
+DISTILLM_HD float log2_s_over_f(float d, const RowConstants& r) {
+  const float log2_q_over_p = d + r.log2_sum_ratio;
   return kReverse ? -log2_q_over_p : log2_q_over_p;
 }
 
-// y = odds s / f, clamped at 2^99. Where f's logit is -inf, l is +inf or NaN, both of which the
-// clamp (fminf ignores NaN) turns into 2^99: f = 0 then zeroes the entry.
-DISTILLM_HD float skew_ratio(float log2_s_f, const CallConstants& c) {
-  return fast_exp2(fminf(log2_s_f + c.log2_odds, kMaxLog2Y));
+// y = odds s / f = 2^(log2(odds) + log2(s / f)), clamped at 2^99. Where f's logit is -inf, the
+// argument is +inf or NaN, both of which the clamp (fminf ignores NaN) turns into 2^99: f = 0
+// then zeroes the entry.
+template <bool kReverse>
+DISTILLM_HD float skew_ratio(float d, const RowConstants& r) {
+  return fast_exp2(fminf(kReverse ? r.log2_y_offset[1] - d : r.log2_y_offset[0] + d, kMaxLog2Y));
 }
 
 // log(f / m) = -log(alpha (1 + y)). Near f = s, where the loss is smallest and any log's
@@ -249,8 +252,9 @@ DISTILLM_HD float log_f_over_m(float log2_s_f, float far, const CallConstants& c
 template <bool kReverse>
 DISTILLM_HD Pass2Terms mixed_terms(float z, float u, const RowConstants& r, const CallConstants& c) {
   const float a_z = base2(z, r.k, r.shift_z), a_u = base2(u, r.k, r.shift_u);
-  const float log2_s_f = log2_s_over_f<kReverse>(a_z, a_u, r);
-  const float y = skew_ratio(log2_s_f, c);
+  const float d = a_z - a_u;
+  const float log2_s_f = log2_s_over_f<kReverse>(d, r);
+  const float y = skew_ratio<kReverse>(d, r);
   const float f = kReverse ? fast_exp2(a_z) * r.inv_sum_z : fast_exp2(a_u) * r.inv_sum_u;
   const float one_plus_y = 1.0f + y;
   const float ys = y * fast_rcp(one_plus_y);  // (1 - alpha) s / m
@@ -299,8 +303,7 @@ DISTILLM_HD float pass3_grad(float z, float u, const RowConstants& r, const Call
     if (kReverse) return q * ((dropped ? -1.0f : kLn2 * ((a_z - a_u) + r.log2_sum_ratio)) - sum_qg);
     return (dropped ? 0.0f : -fast_exp2(a_u) * r.grad_inv_sum_u) - q * sum_qg;  // FKL: q g = -p
   }
-  const float d = a_z - a_u;
-  const float y = fast_exp2(fminf(kReverse ? r.log2_y_offset[1] - d : r.log2_y_offset[0] + d, kMaxLog2Y));
+  const float y = skew_ratio<kReverse>(a_z - a_u, r);
   const float one_plus_y = 1.0f + y;
   const float inv_one_plus_y = fast_rcp(one_plus_y);
   if (kReverse) {

@@ -6,10 +6,12 @@
 TORCH_LIBRARY(distillm, m) {
   // Fused skew KL divergence between softmax(student/T) and softmax(teacher/T) per position.
   // reverse=False: KL(p || a p + (1-a) q); reverse=True: KL(q || a q + (1-a) p).
+  // num_items: the denominator of "mean" instead of the valid positions (e.g. the valid
+  // positions of every micro-batch and rank, so that accumulation averages as one batch).
   m.def(
       "skew_kl(Tensor student_logits, Tensor teacher_logits, Tensor? labels=None, *, "
       "float alpha=0.1, bool reverse=False, float temperature=1.0, int ignore_index=-100, "
-      "str reduction=\"mean\") -> Tensor");
+      "str reduction=\"mean\", Tensor? num_items=None) -> Tensor");
   // Per-position loss (float32, leading shape) and, if compute_grad, grad_scale times
   // d(loss_row)/d(student) in the student's dtype and shape (an empty tensor otherwise),
   // divided by grad_divisor if given (one float32 element on the logits' device, which the

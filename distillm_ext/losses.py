@@ -2,7 +2,9 @@
 
 Every module maps (student_logits (..., V), teacher_logits (..., V), labels (...) or None) to a
 float32 loss and differentiates with respect to the student only. `make_loss(type, ...)` builds
-one from a config name: fkl, rkl, skl (= sfkl), srkl, jsd, tvd.
+one from a config name: fkl, rkl, skl (= sfkl), srkl, jsd, tvd. With reduction="mean", a
+`num_items` argument replaces the call's valid positions as the denominator (see
+distillm_ext.skew_kl).
 """
 
 from typing import Optional
@@ -37,9 +39,9 @@ class SkewForwardKL(_DistillationLoss):
         self.alpha = alpha
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, num_items=None) -> torch.Tensor:
         return skew_kl(student_logits, teacher_logits, labels, alpha=self.alpha, reverse=self.reverse,
-                       **self._common())
+                       num_items=num_items, **self._common())
 
 
 class SkewReverseKL(SkewForwardKL):
@@ -74,8 +76,8 @@ class GeneralizedJSD(_DistillationLoss):
             raise ValueError(f"jsd: beta must be in (0, 1), got {beta}")
         self.beta = beta
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        common = self._common()
+    def forward(self, student_logits, teacher_logits, labels=None, num_items=None):
+        common = dict(self._common(), num_items=num_items)
         towards_teacher = skew_kl(student_logits, teacher_logits, labels, alpha=self.beta, **common)
         towards_student = skew_kl(student_logits, teacher_logits, labels, alpha=1.0 - self.beta,
                                   reverse=True, **common)
@@ -86,9 +88,12 @@ class TotalVariation(_DistillationLoss):
     """0.5 sum_v |p_v - q_v| per position; entries with a -inf logit count 0. Plain PyTorch
     (no fused kernel yet), float32 math."""
 
-    def forward(self, student_logits, teacher_logits, labels=None):
+    def forward(self, student_logits, teacher_logits, labels=None, num_items=None):
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"tvd: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if num_items is not None and self.reduction != "mean":
+            raise ValueError("tvd: num_items is the denominator of reduction='mean'; it cannot be "
+                             f"used with reduction={self.reduction!r}")
         q = torch.softmax(student_logits.float() / self.temperature, dim=-1)
         p = torch.softmax(teacher_logits.float() / self.temperature, dim=-1)
         kept = ~(torch.isneginf(student_logits) | torch.isneginf(teacher_logits))
@@ -101,7 +106,11 @@ class TotalVariation(_DistillationLoss):
         if self.reduction == "none":
             return per_position
         total = per_position.sum()
-        return total / valid.sum().clamp_min(1) if self.reduction == "mean" else total
+        if self.reduction == "sum":
+            return total
+        if num_items is None:
+            return total / valid.sum().clamp_min(1)
+        return total / torch.as_tensor(num_items, dtype=total.dtype, device=total.device)
 
 
 LOSSES = {

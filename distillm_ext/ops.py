@@ -5,7 +5,7 @@ are differentiable and traceable from libtorch as well as from Python; nothing i
 here.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -26,6 +26,7 @@ def skew_kl(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items: Optional[Union[torch.Tensor, float]] = None,
 ) -> torch.Tensor:
     """Fused skew KL divergence per token, with p = softmax(teacher/T), q = softmax(student/T).
 
@@ -41,13 +42,20 @@ def skew_kl(
         alpha: mixture weight in [0, 1). temperature: > 0.
         reduction: "mean" (over valid positions; 0 when there are none), "sum", or "none"
             (float32 loss of shape (...), 0 at ignored positions).
+        num_items: for "mean", the denominator instead of this call's valid positions: a
+            number or a one-element tensor, e.g. the valid positions of every micro-batch and
+            rank, so that gradient accumulation averages as one big batch would. A tensor on
+            the logits' device costs no host sync; the kernel folds it into the gradient, so
+            `loss.backward()` then makes no further pass over it.
 
     Returns:
         float32 loss: a scalar, or shape (...) for reduction="none".
     """
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        num_items = torch.tensor(float(num_items))
     return torch.ops.distillm.skew_kl(
         student_logits, teacher_logits, labels, alpha=alpha, reverse=reverse,
-        temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
 
 
 def fused_linear_skew_kl(

@@ -12,11 +12,13 @@
 namespace distillm {
 
 // student_logits, teacher_logits: (..., V) float32/float16/bfloat16; labels: (...) integer.
+// num_items: one number, the denominator of "mean" instead of the valid positions.
 // Returns the float32 loss: a scalar for "mean"/"sum", shape (...) for "none".
 at::Tensor skew_kl(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                    const std::optional<at::Tensor>& labels = std::nullopt, double alpha = 0.1,
                    bool reverse = false, double temperature = 1.0, int64_t ignore_index = -100,
-                   c10::string_view reduction = "mean");
+                   c10::string_view reduction = "mean",
+                   const std::optional<at::Tensor>& num_items = std::nullopt);
 
 // The building block of skew_kl (torch.ops.distillm._skew_kl_forward): the float32 loss per
 // position and, if compute_grad, grad_scale * d(loss_row)/d(student_logits) in the student's

@@ -72,8 +72,11 @@ class FinalHiddenStates:
 
 
 class MicroBatchLoss:
-    """(loss, kd, ce) sums over a micro-batch's response tokens; `loss` = kd_ratio * kd +
-    (1 - kd_ratio) * ce is the one to differentiate, kd and ce are detached parts for logging.
+    """(loss, kd, ce) of a micro-batch's response tokens: kd and ce are detached sums, for
+    logging; `loss` = (kd_ratio * kd + (1 - kd_ratio) * ce) / num_items is the one to
+    differentiate, num_items being the step's denominator (the response tokens of every
+    micro-batch and rank, per rank). The KD op divides by it itself, so that `loss.backward()`
+    hands it an incoming gradient of 1 and its fused gradient needs no further pass.
 
     `vocab_size`: the vocabulary rows both models share; `bf16`: the student's output layer runs in
     bfloat16, as autocast would run it.
@@ -94,16 +97,18 @@ class MicroBatchLoss:
             self._checked = False
         else:
             self.loss_fn = make_loss(config.type, alpha=config.alpha, beta=config.beta,
-                                     temperature=config.temperature, reduction="sum")
+                                     temperature=config.temperature, reduction="mean")
 
-    def __call__(self, student_forward: Callable, teacher: nn.Module, batch: dict, timer, autocast):
+    def __call__(self, student_forward: Callable, teacher: nn.Module, batch: dict, timer, autocast,
+                 num_items=1.0):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         targets = batch["labels"][:, 1:]
         if self.fused:
-            return self._fused(student_forward, teacher, inputs, targets, timer, autocast)
-        return self._from_logits(student_forward, teacher, inputs, targets, timer, autocast)
+            loss, kd, ce = self._fused(student_forward, teacher, inputs, targets, timer, autocast)
+            return loss / num_items, kd, ce
+        return self._from_logits(student_forward, teacher, inputs, targets, timer, autocast, num_items)
 
-    def _from_logits(self, student_forward, teacher, inputs, targets, timer, autocast):
+    def _from_logits(self, student_forward, teacher, inputs, targets, timer, autocast, num_items):
         with timer.section("teacher_forward"), torch.no_grad(), autocast():
             teacher_logits = teacher(**inputs).logits
         with timer.section("student_forward"), autocast():
@@ -111,13 +116,13 @@ class MicroBatchLoss:
         with timer.section("loss"):
             vocab, kd_ratio = self.vocab_size, self.config.kd_ratio
             student_logits = student_logits[:, :-1, :vocab]
-            kd = self.loss_fn(student_logits, teacher_logits[:, :-1, :vocab], targets)
-            ce = torch.zeros((), device=kd.device)
+            kd_mean = self.loss_fn(student_logits, teacher_logits[:, :-1, :vocab], targets, num_items=num_items)
+            ce = torch.zeros((), device=kd_mean.device)
             if kd_ratio < 1.0:
                 ce = nn.functional.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(),
                                                  reduction="sum")
-            loss = kd if kd_ratio == 1.0 else kd_ratio * kd + (1.0 - kd_ratio) * ce
-        return loss, kd.detach(), ce.detach()
+            loss = kd_mean if kd_ratio == 1.0 else kd_ratio * kd_mean + (1.0 - kd_ratio) * ce / num_items
+        return loss, kd_mean.detach() * num_items, ce.detach()
 
     def _fused(self, student_forward, teacher, inputs, targets, timer, autocast):
         with timer.section("teacher_forward"), torch.no_grad(), autocast():

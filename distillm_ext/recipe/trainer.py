@@ -255,17 +255,18 @@ class Trainer:
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch(self.step)]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
         global_tokens = all_reduce_sum(local_tokens.clone().float())
-        # DDP and FSDP average gradients over ranks; multiplying by world_size turns that into the sum.
-        scale = self.runtime.world_size / global_tokens.clamp(min=1.0)
+        # The loss of a step is the mean over its response tokens on every rank. DDP and FSDP
+        # average gradients over ranks, so each rank divides its sum by global_tokens / world_size.
+        num_items = global_tokens.clamp(min=1.0) / self.runtime.world_size
         kd_total = torch.zeros((), device=device)
         ce_total = torch.zeros((), device=device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with gradient_sync(self.model, enabled=last):
-                loss, kd, ce = self.loss(self.model, self.teacher, batch, timer, self._autocast)
+                loss, kd, ce = self.loss(self.model, self.teacher, batch, timer, self._autocast, num_items)
                 release_teacher_root(self.teacher)
                 with timer.section("student_backward"):
-                    (loss * scale).backward()
+                    loss.backward()
             kd_total += kd
             ce_total += ce
         for group in self.optimizer.param_groups:

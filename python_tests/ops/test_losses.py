@@ -51,3 +51,16 @@ def test_jsd_beta_out_of_range(beta):
 
 def test_modules_print_their_settings():
     assert "alpha=0.3" in repr(make_loss("srkl", alpha=0.3))
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_num_items_replaces_the_mean_denominator(loss_type):
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(4, 6, 30, generator=generator)
+    teacher = torch.randn(4, 6, 30, generator=generator)
+    labels = torch.randint(0, 30, (4, 6), generator=generator)
+    labels[0, :3] = -100
+    total = make_loss(loss_type, reduction="sum")(student, teacher, labels)
+    for num_items in (17, torch.tensor(17.0)):
+        mean = make_loss(loss_type, reduction="mean")(student, teacher, labels, num_items=num_items)
+        torch.testing.assert_close(mean, total / 17, rtol=1e-6, atol=0)

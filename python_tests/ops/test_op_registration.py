@@ -23,6 +23,9 @@ def test_opcheck_skew_kl(device, reduction, reverse):
     kwargs = dict(alpha=0.1, reverse=reverse, temperature=2.0, ignore_index=-100, reduction=reduction)
     torch.library.opcheck(torch.ops.distillm.skew_kl.default, (student, teacher, labels), kwargs)
     torch.library.opcheck(torch.ops.distillm.skew_kl.default, (student, teacher), kwargs)
+    if reduction == "mean":
+        torch.library.opcheck(torch.ops.distillm.skew_kl.default, (student, teacher, labels),
+                              dict(kwargs, num_items=torch.tensor(5.0, device=device)))
 
 
 @pytest.mark.parametrize("compute_grad", [False, True])
@@ -47,6 +50,25 @@ def test_compile_fullgraph_matches_eager(device, reduction):
     eager_loss = step(eager_student, teacher, labels)
     eager_loss.backward()
     compiled_loss = compiled(student, teacher, labels)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(student.grad, eager_student.grad)
+
+
+def test_compile_with_num_items_on_the_device(device):
+    """Under tracing the denominator is a (fake) tensor, which reaches the kernel as grad_divisor."""
+    student, teacher, labels = sample_inputs(device)
+
+    def step(student, teacher, labels, num_items):
+        return distillm_ext.skew_kl(student, teacher, labels, num_items=num_items) * 3.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    num_items = torch.tensor(9.0, device=device)
+    eager_student = student.detach().clone().requires_grad_()
+    eager_loss = step(eager_student, teacher, labels, num_items)
+    eager_loss.backward()
+    compiled_loss = compiled(student, teacher, labels, num_items)
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss)
     torch.testing.assert_close(student.grad, eager_student.grad)

@@ -322,3 +322,26 @@ def test_bad_gradient_divisor_is_a_clear_error(divisor, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.distillm._skew_kl_forward(student, teacher, None, 0.1, False, 1.0, -100, True, 1.0, divisor)
 
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_is_the_mean_denominator(device, as_tensor):
+    """mean with num_items = N is the sum over positions over N, in value and gradient: the
+    denominator of a mean over every micro-batch and rank."""
+    student, teacher = make_inputs((3, 5, 40), device)
+    labels = make_labels((3, 5), device)
+    num_items = torch.tensor(23.0, device=device) if as_tensor else 23
+    mean, mean_grad = loss_and_grad(distillm_ext.skew_kl, student, teacher, labels, num_items=num_items)
+    total, total_grad = loss_and_grad(distillm_ext.skew_kl, student, teacher, labels, reduction="sum")
+    torch.testing.assert_close(mean, total / 23, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean_grad, total_grad / 23, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reduction="sum", num_items=4), "num_items is the denominator of reduction='mean'"),
+    (dict(num_items=torch.tensor([2.0, 3.0])), "num_items must be one real number"),
+])
+def test_bad_num_items_is_a_clear_error(kwargs, message):
+    student, teacher = make_inputs((2, 5), "cpu")
+    with pytest.raises(ValueError, match=message):
+        distillm_ext.skew_kl(student, teacher, **kwargs)

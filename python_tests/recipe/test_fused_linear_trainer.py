@@ -108,3 +108,25 @@ def test_final_hidden_states_are_what_the_head_reads():
     full = model(input_ids=ids).logits
     assert last.shape[1] == 1
     torch.testing.assert_close(model.get_output_embeddings()(hidden), full)
+
+
+def test_logits_path_backward_makes_no_pass_over_the_kd_gradient():
+    """The trainer hands the KD op the step's denominator (num_items), so `loss.backward()` gives
+    the op an incoming gradient of exactly 1 and its fused gradient is used as written: no
+    multiply over a [tokens, vocab] tensor in the backward (there was one when the trainer
+    multiplied the loss by its scale after the op)."""
+    student, teacher = make_model(30, 1, seed=1), make_model(30, 1)
+    config = load_config(None, ["loss.fused_linear=false"]).loss
+    loss_fn = MicroBatchLoss(config, student, teacher, vocab_size=30)
+    input_ids = torch.randint(2, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    timer = StepTimer(torch.device("cpu"))
+    loss, kd, _ = loss_fn(student, teacher, batch, timer, contextlib.nullcontext, num_items=torch.tensor(7.0))
+    logits_shape = [2, 8, 30]
+    with torch.profiler.profile(record_shapes=True) as profile:
+        loss.backward()
+    multiplies = [e for e in profile.events() if e.name in ("aten::mul_", "aten::mul") and logits_shape in e.input_shapes]
+    assert not multiplies, [(e.name, e.input_shapes) for e in multiplies]
+    assert loss.item() == pytest.approx(kd.item() / 7.0, rel=1e-6)

@@ -33,9 +33,10 @@ inline bool is_exactly_one_on_cpu(const at::Tensor& grad_output) {
 
 // Number of positions that count for "mean": a 0-dim float tensor on the loss device, so that
 // nothing waits for the device. Clamped to 1: no valid position gives a 0 loss, not NaN.
-inline at::Tensor valid_count(const at::Tensor& row_loss, const std::optional<at::Tensor>& labels,
+// `positions`: any tensor of the positions' shape (the per-position loss, say).
+inline at::Tensor valid_count(const at::Tensor& positions, const std::optional<at::Tensor>& labels,
                               int64_t ignore_index) {
-  at::Tensor valid = labels.has_value() ? labels->ne(ignore_index) : at::ones_like(row_loss);
+  at::Tensor valid = labels.has_value() ? labels->ne(ignore_index) : at::ones_like(positions);
   return valid.sum(at::kFloat).clamp_min(1.0);
 }
 

@@ -49,9 +49,10 @@ MeanDenominator mean_denominator(const at::Tensor& student, const std::optional<
   } else if (labels ? holds_host_data(*labels) : !at::isTensorSubclassLike(student)) {
     const double n = host_valid_count(leading_positions(student), labels, ignore_index);
     d.count = at::scalar_tensor(n, student.options().dtype(at::kFloat));
+    d.grad_scale = 1.0 / n;
+    return d;
   } else {
-    const at::Tensor valid = labels ? labels->ne(ignore_index) : at::ones_like(student.select(-1, 0));
-    d.count = valid.sum(at::kFloat).clamp_min(1.0);
+    d.count = valid_count(student.select(-1, 0), labels, ignore_index);
   }
   if (holds_host_data(d.count)) {
     d.grad_scale = 1.0 / d.count.item<double>();
@@ -137,10 +138,8 @@ at::Tensor skew_kl_no_grad(const at::Tensor& student, const at::Tensor& teacher,
   auto [row_loss, grad] = skew_kl_rows(student, teacher, labels, alpha, reverse, temperature,
                                           ignore_index, /*compute_grad=*/false, /*grad_scale=*/1.0,
                                           /*grad_divisor=*/std::nullopt);
-  at::Tensor count;
-  if (r == Reduction::kMean) {
-    count = num_items ? as_count(*num_items, student) : valid_count(row_loss, labels, ignore_index);
-  }
+  const at::Tensor count =
+      r == Reduction::kMean ? mean_denominator(student, labels, ignore_index, num_items).count : at::Tensor();
   return reduce(row_loss, count, r);
 }
 

@@ -30,8 +30,9 @@ def collate(rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def distillation_loss(loss_fn, student_logits, teacher_logits, labels):
+def distillation_loss(loss_fn, student_logits, teacher_logits, labels, num_items=None):
     """The loss at each position against the next token: logits[:, :-1] read in place, labels
-    shifted by one, both vocabularies cut to the shared rows (checkpoints pad them differently)."""
+    shifted by one, both vocabularies cut to the shared rows (checkpoints pad them differently).
+    num_items: the mean's denominator, if not this batch's valid positions."""
     vocab = min(student_logits.size(-1), teacher_logits.size(-1))
-    return loss_fn(student_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab], labels[:, 1:])
+    return loss_fn(student_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab], labels[:, 1:], num_items=num_items)

@@ -26,7 +26,14 @@ class DistillationTrainer(Trainer):
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
-        loss = distillation_loss(self.loss_fn, outputs.logits, teacher_logits, labels)
+        # num_items_in_batch (when the Trainer counts it) is the response tokens of every
+        # micro-batch of the step, and of every rank with average_tokens_across_devices: the
+        # loss divides by it, so accumulation averages as one big batch would, and the Trainer
+        # must not divide again. Without it, the loss is this micro-batch's mean.
+        loss = distillation_loss(self.loss_fn, outputs.logits, teacher_logits, labels, num_items=num_items_in_batch)
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
         return (loss, outputs) if return_outputs else loss
 
 
@@ -38,12 +45,14 @@ def main():
     parser.add_argument("--output-dir", default="runs/hf_trainer")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     training = TrainingArguments(output_dir=args.output_dir, max_steps=args.steps, learning_rate=args.lr,
-                                 per_device_train_batch_size=args.batch_size, logging_steps=1,
+                                 per_device_train_batch_size=args.batch_size,
+                                 gradient_accumulation_steps=args.grad_accum, logging_steps=1,
                                  save_strategy="no", report_to=[], remove_unused_columns=False)
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(args.student), args=training,

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -27,3 +29,15 @@ def test_transformers_trainer_compute_loss(tiny, tmp_path):
     output = run_example("distill_hf_trainer.py", tiny, "--output-dir", str(tmp_path / "run"))
     losses = [float(x) for x in re.search(r"losses: (.*)", output).group(1).split()]
     assert len(losses) == 4 and all(math.isfinite(loss) and loss >= 0 for loss in losses)
+
+
+def test_transformers_trainer_accumulation_averages_as_one_batch(tiny, tmp_path):
+    """Batches of 4, or 2 accumulated twice: the same samples per step, and through
+    num_items_in_batch the same loss per step (a per-micro-batch mean the Trainer did not
+    divide by the accumulation steps would double it)."""
+    runs = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        output = run_example("distill_hf_trainer.py", tiny, "--output-dir", str(tmp_path / f"ga{grad_accum}"),
+                             "--batch-size", str(batch_size), "--grad-accum", str(grad_accum))
+        runs[grad_accum] = [float(x) for x in re.search(r"losses: (.*)", output).group(1).split()]
+    assert runs[2] == pytest.approx(runs[1], rel=2e-3), runs

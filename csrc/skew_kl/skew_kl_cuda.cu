@@ -71,17 +71,17 @@ __device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, int64_
         float zs[kChunk], us[kChunk];
         load_chunk<kVector>(z, v, zs);
         load_chunk<kVector>(u, v, us);
-        fn(zs, us);
+        fn(v, zs, us);
       },
       [&](int64_t v) {
         const float zs[1] = {to_float(z[v])}, us[1] = {to_float(u[v])};
-        fn(zs, us);
+        fn(v, zs, us);
       });
 }
 
-// Calls fn(zs, us) on this thread's entries of the row: arrays of kChunk floats for the vector
-// steps, of 1 for single entries. The choice of loads is made once per row, outside the loop:
-// a predicate inside it would issue both kinds.
+// Calls fn(v, zs, us) on this thread's entries of the row, from entry v: arrays of kChunk floats
+// for the vector steps, of 1 for single entries. The choice of loads is made once per row,
+// outside the loop: a predicate inside it would issue both kinds.
 template <typename S, typename T, typename Fn>
 __device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t vocab, Fn&& fn) {
   const RowSpan span = row_span(z, u, static_cast<const S*>(nullptr), vocab);
@@ -92,32 +92,37 @@ __device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t v
   }
 }
 
+// Stores values to out[v..]: 16-byte stores for a vector step.
+template <bool kVector, typename S, int N>
+__device__ __forceinline__ void store_entries(S* out, int64_t v, const float (&values)[N]) {
+  if constexpr (kVector && N == kChunk) {
+    constexpr int kStores = kChunk * sizeof(S) / 16;
+    uint4 raw[kStores];
+    S* packed = reinterpret_cast<S*>(raw);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) packed[j] = from_float<S>(values[j]);
+#pragma unroll
+    for (int i = 0; i < kStores; ++i) reinterpret_cast<uint4*>(out + v)[i] = raw[i];
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[v + j] = from_float<S>(values[j]);
+  }
+}
+
 template <bool kVector, typename S, typename T, typename Fn>
 __device__ __forceinline__ void write_each_entry_as(const S* z, const T* u, S* out, int64_t vocab, RowSpan span,
                                                     Fn&& fn) {
-  for_thread_entries(
-      threadIdx.x, blockDim.x, vocab, span,
-      [&](int64_t v) {
-        float zs[kChunk], us[kChunk];
-        load_chunk<kVector>(z, v, zs);
-        load_chunk<kVector>(u, v, us);
-        constexpr int kStores = kChunk * sizeof(S) / 16;
-        uint4 raw[kStores];
-        S* values = reinterpret_cast<S*>(raw);
+  for_each_entry_as<kVector>(z, u, vocab, span, [&](int64_t v, const auto& zs, const auto& us) {
+    constexpr int n = std::extent_v<std::remove_reference_t<decltype(zs)>>;
+    float values[n];
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) values[j] = from_float<S>(fn(zs[j], us[j]));
-        if constexpr (kVector) {
-#pragma unroll
-          for (int i = 0; i < kStores; ++i) reinterpret_cast<uint4*>(out + v)[i] = raw[i];
-        } else {
-#pragma unroll
-          for (int j = 0; j < kChunk; ++j) out[v + j] = values[j];
-        }
-      },
-      [&](int64_t v) { out[v] = from_float<S>(fn(to_float(z[v]), to_float(u[v]))); });
+    for (int j = 0; j < n; ++j) values[j] = fn(zs[j], us[j]);
+    store_entries<kVector>(out, v, values);
+  });
 }
 
-// Writes fn(z_v, u_v) to out[v] for this thread's entries of the row.
+// Writes fn(z_v, u_v) to out[v] for this thread's entries of the row; vector steps only where
+// `out` is aligned with the inputs too.
 template <typename S, typename T, typename Fn>
 __device__ __forceinline__ void write_each_entry(const S* z, const T* u, S* out, int64_t vocab, Fn&& fn) {
   const RowSpan span = row_span(z, u, out, vocab);
@@ -180,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
 
     PairSums<kTwoPasses> pass1;
     if (!skip) {
-      for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) { add_pair(pass1, zs, us, c.k); });
+      for_each_entry(z, u, vocab, [&](int64_t, const auto& zs, const auto& us) { add_pair(pass1, zs, us, c.k); });
     }
     float max_z = pass1.student.max, max_u = pass1.teacher.max;
     block_reduce2(max_z, max_u, Max(), shared);
@@ -221,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
         continue;
       }
     }
-    for_each_entry(z, u, vocab, [&](const auto& zs, const auto& us) {
+    for_each_entry(z, u, vocab, [&](int64_t, const auto& zs, const auto& us) {
 #pragma unroll
       for (int j = 0; j < length_of(zs); ++j) {
         const Pass2Terms e = pass2_terms<kReverse, kMixed>(zs[j], us[j], r, c);

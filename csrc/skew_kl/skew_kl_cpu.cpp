@@ -48,10 +48,8 @@ namespace distillm::skew_kl_impl {
 void skew_kl_forward_cpu(const ForwardParams& params) {
   if (cuda_emulation_requested()) return skew_kl_forward_cuda_emulation(params);
   ForwardParams prm = params;
-  if (prm.grad_divisor != nullptr) {  // host memory here: fold it once, not per row
-    prm.grad_scale /= *prm.grad_divisor;
-    prm.grad_divisor = nullptr;
-  }
+  prm.grad_scale = gradient_factor(prm);  // host memory here: fold the divisor once, not per row
+  prm.grad_divisor = nullptr;
   switch (cpu_capability()) {
 #if DISTILLM_CPU_LEVELS
     case CpuCapability::kAvx512: return avx512::forward(prm);

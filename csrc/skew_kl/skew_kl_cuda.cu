@@ -197,11 +197,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
       block_reduce2(dropped_mass, unused_mass, Add(), shared_sums);
     }
 
-    const float poison = static_cast<float>(sums_z + sums_u) * 0.0f;  // 0, or NaN where any entry was NaN
-    if (skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f) {  // block-uniform
-      // Every entry dropped, or one entry (q = p = 1): 0; a NaN somewhere: NaN loss and gradient,
-      // as on CPU.
-      const float value = skip ? 0.0f : poison;
+    float value;
+    if (uniform_row(skip, vocab, max_z, max_u, sums_z, sums_u, value)) {  // block-uniform
       if (threadIdx.x == 0) prm.row_loss[row] = value;
       if (grad) {
         for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
@@ -209,12 +206,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
       continue;
     }
 
-    const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
-    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
+    const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, gradient_factor(prm));
     float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f, unused = 0.0f;
     if constexpr (kTwoPasses) {
       if (grad) {  // FKL: G from pass 1; loss and gradient in one pass
-        sum_qg = static_cast<float>(-(sums_u - dropped_mass) / sums_u);
+        sum_qg = fkl_sum_qg(sums_u, dropped_mass);
         write_each_entry(z, u, grad, vocab, [&](float zv, float uv) {
           const Pass2Terms e = plain_terms<false>(zv, uv, r);
           loss += e.term;

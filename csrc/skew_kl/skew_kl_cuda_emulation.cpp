@@ -74,19 +74,17 @@ void emulate_row(const ForwardParams& prm, const CallConstants& c, int64_t row) 
     if (kTwoPasses) dropped_mass += at_row_max(pass1[t].dropped_mass, pass1[t].teacher, max_u, c.k);
   }
 
-  const float poison = static_cast<float>(sums_z + sums_u) * 0.0f;
-  if (skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f) {
-    const float value = skip ? 0.0f : poison;
+  float value;
+  if (uniform_row(skip, vocab, max_z, max_u, sums_z, sums_u, value)) {
     prm.row_loss[row] = value;
     for (int64_t v = 0; grad && v < vocab; ++v) grad[v] = static_cast<S>(value);
     return;
   }
 
-  const float grad_scale = prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
-  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, grad_scale);
+  const RowConstants r = row_constants(max_z, max_u, sums_z, sums_u, c, gradient_factor(prm));
   float loss = 0.0f, sum_qg = 0.0f, sum_f = 0.0f;
   if (kTwoPasses && grad) {  // FKL: G from pass 1; loss and gradient in one pass
-    sum_qg = static_cast<float>(-(sums_u - dropped_mass) / sums_u);
+    sum_qg = fkl_sum_qg(sums_u, dropped_mass);
     for (int t = 0; t < kThreads; ++t) {
       float thread_loss = 0.0f, thread_f = 0.0f;
       for_each_entry(z, u, grad, vocab, t, [&](int64_t v, const auto& zs, const auto& us) {

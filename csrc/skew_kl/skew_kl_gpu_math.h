@@ -154,6 +154,11 @@ struct PairSums {
   float dropped_mass = 0.0f;  // at the teacher's shift
 };
 
+// FKL's G (already divided by the f's sum) from pass 1: minus the teacher's kept mass.
+DISTILLM_HD float fkl_sum_qg(double sum_u, double dropped_mass) {
+  return static_cast<float>(-(sum_u - dropped_mass) / sum_u);
+}
+
 template <bool kDroppedMass, int N>
 DISTILLM_HD void add_pair(PairSums<kDroppedMass>& s, const float (&zs)[N], const float (&us)[N], float k) {
   float student_exps[N], teacher_exps[N];
@@ -193,6 +198,16 @@ DISTILLM_HD RowConstants row_constants(float max_z, float max_u, double sum_z, d
   r.log2_y_offset[0] = c.log2_odds + r.log2_sum_ratio;
   r.log2_y_offset[1] = c.log2_odds - r.log2_sum_ratio;
   return r;
+}
+
+// A row whose loss and every gradient entry are one `value`: an ignored row (0), one whose
+// entries are all dropped or that has one entry (q = p = 1: 0), or one with a NaN anywhere
+// (NaN, as on CPU: a NaN entry makes a sum NaN).
+DISTILLM_HD bool uniform_row(bool skip, int64_t vocab, float max_z, float max_u, double sum_z, double sum_u,
+                             float& value) {
+  const float poison = static_cast<float>(sum_z + sum_u) * 0.0f;  // 0, or NaN
+  value = skip ? 0.0f : poison;
+  return skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f;
 }
 
 // log1p(y) / y to y^4, for y < kSeriesBelow: truncation < 5.2e-9 relative.

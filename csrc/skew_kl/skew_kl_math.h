@@ -225,4 +225,9 @@ struct ForwardParams {
   bool reverse;
 };
 
+// The factor the kernels write the gradient with: grad_scale, divided by *grad_divisor if set.
+DISTILLM_HD float gradient_factor(const ForwardParams& prm) {
+  return prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;
+}
+
 }  // namespace distillm::skew_kl_impl

@@ -42,7 +42,7 @@ __device__ __forceinline__ void unpack_bf16x2(uint32_t pair, float& low, float& 
 // Reads entries [v, v + kChunk) of a row as floats: 16-byte loads (kVector, the chunk aligned)
 // or one load per entry.
 template <bool kVector, typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t v, float (&out)[kChunk]) {
+__device__ __forceinline__ void load_chunk(const T* row, RowIndex v, float (&out)[kChunk]) {
   if constexpr (kVector) {
     constexpr int kLoads = kChunk * sizeof(T) / 16;
     uint4 raw[kLoads];
@@ -63,17 +63,27 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t v, float (&out)
   }
 }
 
+// A row's offset, opaque to the compiler: otherwise it re-derives every entry's address from
+// the tensor's base and the 64-bit sum of row offset and entry index (five integer instructions
+// per load), instead of one multiply-add of the 32-bit index onto the row's address.
+template <typename P>
+__device__ __forceinline__ P* opaque(P* p) {
+  asm("" : "+l"(p));
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
 template <bool kVector, typename S, typename T, typename Fn>
-__device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, int64_t vocab, RowSpan span, Fn&& fn) {
+__device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, RowIndex vocab, RowSpan span, Fn&& fn) {
   for_thread_entries(
       threadIdx.x, blockDim.x, vocab, span,
-      [&](int64_t v) {
+      [&](RowIndex v) {
         float zs[kChunk], us[kChunk];
         load_chunk<kVector>(z, v, zs);
         load_chunk<kVector>(u, v, us);
         fn(v, zs, us);
       },
-      [&](int64_t v) {
+      [&](RowIndex v) {
         const float zs[1] = {to_float(z[v])}, us[1] = {to_float(u[v])};
         fn(v, zs, us);
       });
@@ -83,7 +93,7 @@ __device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, int64_
 // for the vector steps, of 1 for single entries. The choice of loads is made once per row,
 // outside the loop: a predicate inside it would issue both kinds.
 template <typename S, typename T, typename Fn>
-__device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t vocab, Fn&& fn) {
+__device__ __forceinline__ void for_each_entry(const S* z, const T* u, RowIndex vocab, Fn&& fn) {
   const RowSpan span = row_span(z, u, static_cast<const S*>(nullptr), vocab);
   if (span.vector) {
     for_each_entry_as<true>(z, u, vocab, span, fn);
@@ -94,7 +104,7 @@ __device__ __forceinline__ void for_each_entry(const S* z, const T* u, int64_t v
 
 // Stores values to out[v..]: 16-byte stores for a vector step.
 template <bool kVector, typename S, int N>
-__device__ __forceinline__ void store_entries(S* out, int64_t v, const float (&values)[N]) {
+__device__ __forceinline__ void store_entries(S* out, RowIndex v, const float (&values)[N]) {
   if constexpr (kVector && N == kChunk) {
     constexpr int kStores = kChunk * sizeof(S) / 16;
     uint4 raw[kStores];
@@ -110,9 +120,9 @@ __device__ __forceinline__ void store_entries(S* out, int64_t v, const float (&v
 }
 
 template <bool kVector, typename S, typename T, typename Fn>
-__device__ __forceinline__ void write_each_entry_as(const S* z, const T* u, S* out, int64_t vocab, RowSpan span,
+__device__ __forceinline__ void write_each_entry_as(const S* z, const T* u, S* out, RowIndex vocab, RowSpan span,
                                                     Fn&& fn) {
-  for_each_entry_as<kVector>(z, u, vocab, span, [&](int64_t v, const auto& zs, const auto& us) {
+  for_each_entry_as<kVector>(z, u, vocab, span, [&](RowIndex v, const auto& zs, const auto& us) {
     constexpr int n = std::extent_v<std::remove_reference_t<decltype(zs)>>;
     float values[n];
 #pragma unroll
@@ -124,7 +134,8 @@ __device__ __forceinline__ void write_each_entry_as(const S* z, const T* u, S* o
 // Writes fn(z_v, u_v) to out[v] for this thread's entries of the row; vector steps only where
 // `out` is aligned with the inputs too.
 template <typename S, typename T, typename Fn>
-__device__ __forceinline__ void write_each_entry(const S* z, const T* u, S* out, int64_t vocab, Fn&& fn) {
+__device__ __forceinline__ void write_each_entry(const S* z, const T* u, S* out, RowIndex vocab, Fn&& fn) {
+  out = opaque(out);
   const RowSpan span = row_span(z, u, out, vocab);
   if (span.vector) {
     write_each_entry_as<true>(z, u, out, vocab, span, fn);
@@ -176,16 +187,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
   constexpr bool kTwoPasses = !kReverse && !kMixed;  // FKL: see PairSums
   __shared__ float shared[kThreads / 32][2];
   __shared__ double shared_sums[kThreads / 32][2];
-  const int64_t vocab = prm.vocab;
+  const RowIndex vocab = static_cast<RowIndex>(prm.vocab);
   for (int64_t row = blockIdx.x; row < prm.num_rows; row += gridDim.x) {
     S* grad = prm.grad ? static_cast<S*>(prm.grad) + row * vocab : nullptr;
-    const S* z = static_cast<const S*>(prm.student) + row_offset(prm.student_rows, row);
-    const T* u = static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row);
+    const S* z = opaque(static_cast<const S*>(prm.student) + row_offset(prm.student_rows, row));
+    const T* u = opaque(static_cast<const T*>(prm.teacher) + row_offset(prm.teacher_rows, row));
     const bool skip = prm.labels != nullptr && prm.labels[row] == prm.ignore_index;
 
     PairSums<kTwoPasses> pass1;
     if (!skip) {
-      for_each_entry(z, u, vocab, [&](int64_t, const auto& zs, const auto& us) { add_pair(pass1, zs, us, c.k); });
+      for_each_entry(z, u, vocab, [&](RowIndex, const auto& zs, const auto& us) { add_pair(pass1, zs, us, c.k); });
     }
     float max_z = pass1.student.max, max_u = pass1.teacher.max;
     block_reduce2(max_z, max_u, Max(), shared);
@@ -201,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
     if (uniform_row(skip, vocab, max_z, max_u, sums_z, sums_u, value)) {  // block-uniform
       if (threadIdx.x == 0) prm.row_loss[row] = value;
       if (grad) {
-        for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
+        for (RowIndex v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
       }
       continue;
     }
@@ -222,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
         continue;
       }
     }
-    for_each_entry(z, u, vocab, [&](int64_t, const auto& zs, const auto& us) {
+    for_each_entry(z, u, vocab, [&](RowIndex, const auto& zs, const auto& us) {
 #pragma unroll
       for (int j = 0; j < length_of(zs); ++j) {
         const Pass2Terms e = pass2_terms<kReverse, kMixed>(zs[j], us[j], r, c);

@@ -225,6 +225,9 @@ struct ForwardParams {
   bool reverse;
 };
 
+// The CUDA kernel (and its emulation) index the entries of a row with 32 bits.
+constexpr int64_t kMaxCudaVocab = INT32_MAX;
+
 // The factor the kernels write the gradient with: grad_scale, divided by *grad_divisor if set.
 DISTILLM_HD float gradient_factor(const ForwardParams& prm) {
   return prm.grad_divisor ? prm.grad_scale / *prm.grad_divisor : prm.grad_scale;

@@ -185,7 +185,7 @@ def main(argv=None) -> None:
             for kernel in sorted(chosen, key=lambda k: list(VARIANTS.values()).index(k.variant)):
                 loops = ", ".join(f"{loop.instructions}/{loop.load_bytes // kernel.entry_bytes}"
                                   + (f" ({loop.calls} calls)" if loop.calls else "") for loop in kernel.loops)
-                print(f"| sm_{arch} | {kernel.variant} | {kernel.instructions_per_entry:.0f} | {loops} | "
+                print(f"| sm_{arch} | {kernel.variant} | {kernel.instructions_per_entry:.1f} | {loops} | "
                       f"{kernel.registers} | {kernel.spill_bytes} |")
                 if args.loops:
                     for loop in kernel.loops:

@@ -7,9 +7,10 @@
 //   exponential is then one ex2.approx (MUFU), every log one lg2.approx.
 // - y = odds s / f comes from the logits' difference, 2^(log2(odds) + log2(s / f)): one ex2, no
 //   division, and no clamp of f needed, since s / f never forms.
-// - 1 / (1 + y) is one rcp.approx; log1p(y) is lg2(1 + y), or a short series where y < 1/32
-//   (lg2's absolute error would swamp log1p(y) ~ y there, and SRKL's g = y / (1 + y) - log1p(y)
-//   ~ -y^2 / 2 needs both to a few ulp of y).
+// - 1 / (1 + y) is one rcp.approx; log1p(y) is lg2(1 + y), or y - y^2 / 2 where y < 1/128
+//   (lg2's absolute error would swamp log1p(y) ~ y there). SRKL's g = y / (1 + y) - log1p(y)
+//   ~ -y^2 / 2 keeps lg2's absolute error above that; passes 2 and 3 form g with the same
+//   instructions, so where one entry holds most of q, g - G cancels it.
 // - Masked entries (either logit -inf) need no test of their own where IEEE arithmetic already
 //   gives 0; the tests left are the ones it does not.
 //
@@ -42,7 +43,7 @@ using approx::fast_rcp;
 constexpr double kLog2eDouble = 1.4426950408889634;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kMaxLog2Y = 99.0f;  // y <= 2^99: 1 + y and 1 / (1 + y) stay finite and normal
-constexpr float kSeriesBelow = 1.0f / 32.0f;  // y below which log1p(y) is a series
+constexpr float kSeriesBelow = 1.0f / 128.0f;  // y below which log1p(y) is a series
 
 constexpr float kNearOptimum = 1.0f / 16.0f;  // |log2(s / f)| below which log(f / m) is a polynomial
 constexpr int kNearTerms = 5;
@@ -211,20 +212,14 @@ DISTILLM_HD bool uniform_row(bool skip, int64_t vocab, float max_z, float max_u,
   return skip || vocab == 1 || max_z == kNegInf || max_u == kNegInf || poison != 0.0f;
 }
 
-// log1p(y) / y to y^3, for y < kSeriesBelow: truncation < y^4 / 5 = 1.9e-7 relative, so log1p(y)
-// is within 5.8e-9 absolute, 28x inside lg2's error where the series hands over.
-DISTILLM_HD float log1p_series(float y) {
-  const float t = -y;
-  float series = fmaf(t, 1.0f / 4.0f, 1.0f / 3.0f);
-  series = fmaf(series, t, 0.5f);
-  return fmaf(series, t, 1.0f);
-}
-
-// log(1 + y) for finite y >= 0 and its rounded 1 + y: the series below 1/32, where lg2's
-// absolute error would swamp log1p(y) ~ y; above, ln2 lg2(1 + y), within 2^-22 ln2 = 1.7e-7
-// (1 + y < 2) or 2 ulp (beyond) of it, plus 2^-24 from rounding 1 + y.
+// log(1 + y) for finite y >= 0 and its rounded 1 + y. Below 1/128, where lg2's absolute error
+// would swamp log1p(y) ~ y: y - y^2 / 2, within y^3 / 3 <= 1.6e-7, about lg2's own error where it
+// hands over. Above: ln2 lg2(1 + y), within 2^-22 ln2 = 1.7e-7 (1 + y < 2) or 2 ulp (beyond),
+// plus 2^-24 from rounding 1 + y. A degree-4 series up to 1/32 kept SRKL's gradient about 2x
+// closer to float64, both well inside PyTorch float32's own error, for 3 more instructions in
+// each of SRKL's two log1p passes.
 DISTILLM_HD float log1p_of(float y, float one_plus_y) {
-  return y < kSeriesBelow ? y * log1p_series(y) : kLn2 * fast_log2(one_plus_y);
+  return y < kSeriesBelow ? fmaf(-0.5f * y, y, y) : kLn2 * fast_log2(one_plus_y);
 }
 
 // What pass 2 sums for one entry (all 0 on dropped entries, as in skew_kl_math.h), with f

@@ -63,9 +63,10 @@ __device__ __forceinline__ void load_chunk(const T* row, RowIndex v, float (&out
   }
 }
 
-// A row's offset, opaque to the compiler: otherwise it re-derives every entry's address from
+// A row's address, opaque to the compiler: otherwise it re-derives every entry's address from
 // the tensor's base and the 64-bit sum of row offset and entry index (five integer instructions
-// per load), instead of one multiply-add of the 32-bit index onto the row's address.
+// per load), instead of one multiply-add of the 32-bit index onto the row's address. The
+// assumption keeps its loads and stores global (LDG/STG), not generic.
 template <typename P>
 __device__ __forceinline__ P* opaque(P* p) {
   asm("" : "+l"(p));

@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   }
 #ifdef DISTILLM_WITH_CUDA
   if (student.is_cuda()) {
-    TORCH_CHECK(vocab <= kMaxCudaVocab, "skew_kl: the CUDA kernel takes at most 2^31 - 1 vocabulary entries, got ",
+    TORCH_CHECK(vocab <= kMaxCudaVocab, "skew_kl: the CUDA kernel takes at most 2^30 vocabulary entries, got ",
                 vocab);
     const c10::cuda::CUDAGuard device_guard(student.device());
     skew_kl_forward_cuda(prm, c10::cuda::getCurrentCUDAStream().stream());

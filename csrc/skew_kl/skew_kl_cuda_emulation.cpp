@@ -169,7 +169,7 @@ bool cuda_emulation_requested() {
 }
 
 void skew_kl_forward_cuda_emulation(const ForwardParams& prm) {
-  TORCH_CHECK(prm.vocab <= kMaxCudaVocab, "skew_kl: the CUDA kernel takes at most 2^31 - 1 vocabulary entries, got ",
+  TORCH_CHECK(prm.vocab <= kMaxCudaVocab, "skew_kl: the CUDA kernel takes at most 2^30 vocabulary entries, got ",
               prm.vocab);
   switch (prm.student_dtype) {
     case DType::kFloat32: return emulate_with_student<float>(prm);

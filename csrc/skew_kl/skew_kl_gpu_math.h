@@ -48,10 +48,10 @@ constexpr float kSeriesBelow = 1.0f / 128.0f;  // y below which log1p(y) is a se
 constexpr float kNearOptimum = 1.0f / 16.0f;  // |log2(s / f)| below which log(f / m) is a polynomial
 constexpr int kNearTerms = 5;
 constexpr int kChunk = 8;  // entries per vector step: 16 bytes of bf16/fp16, 32 of float
-// An entry's index within a row. Rows have fewer than 2^31 entries (checked on the host), and
+// An entry's index within a row. Rows have at most 2^30 entries (checked on the host), and
 // 32-bit indices spare the per-entry loops 64-bit address arithmetic.
 using RowIndex = int32_t;
-static_assert(kMaxCudaVocab == INT32_MAX, "a RowIndex must hold every entry's index");
+static_assert(kMaxCudaVocab <= (int64_t{1} << 30), "a RowIndex must hold every index a loop steps to");
 
 // What every row of a call shares, rounded once on the host.
 struct CallConstants {

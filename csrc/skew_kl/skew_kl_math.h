@@ -225,8 +225,9 @@ struct ForwardParams {
   bool reverse;
 };
 
-// The CUDA kernel (and its emulation) index the entries of a row with 32 bits.
-constexpr int64_t kMaxCudaVocab = INT32_MAX;
+// The CUDA kernel (and its emulation) index the entries of a row with 32 bits; an index may step
+// a block's stride past the row's end, so rows stay far below 2^31 entries.
+constexpr int64_t kMaxCudaVocab = int64_t{1} << 30;
 
 // The factor the kernels write the gradient with: grad_scale, divided by *grad_divisor if set.
 DISTILLM_HD float gradient_factor(const ForwardParams& prm) {

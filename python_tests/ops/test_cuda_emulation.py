@@ -97,3 +97,13 @@ for reverse in (False, True):
 """
     result = run_emulated("hashed", "-c", script)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_rows_beyond_32_bit_indices_are_a_clear_error():
+    """The kernel indexes a row with 32 bits; a larger row is refused before any entry is read
+    (torch.empty touches no memory, so the 2 GiB row costs nothing)."""
+    script = ("import torch, distillm_ext; s = torch.empty(1, (1 << 30) + 1, dtype=torch.bfloat16); "
+              "distillm_ext.skew_kl(s, s, reduction='sum')")
+    result = run_emulated("hashed", "-c", script)
+    assert result.returncode != 0
+    assert "the CUDA kernel takes at most 2^30 vocabulary entries, got 1073741825" in result.stderr

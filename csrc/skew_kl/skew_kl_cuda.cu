@@ -19,7 +19,7 @@ namespace {
 
 using namespace gpu;
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 512;  // every launch; the loops step by it as a constant, not blockDim.x
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -77,7 +77,7 @@ __device__ __forceinline__ P* opaque(P* p) {
 template <bool kVector, typename S, typename T, typename Fn>
 __device__ __forceinline__ void for_each_entry_as(const S* z, const T* u, RowIndex vocab, RowSpan span, Fn&& fn) {
   for_thread_entries(
-      threadIdx.x, blockDim.x, vocab, span,
+      threadIdx.x, kThreads, vocab, span,
       [&](RowIndex v) {
         float zs[kChunk], us[kChunk];
         load_chunk<kVector>(z, v, zs);
@@ -155,7 +155,7 @@ __device__ __forceinline__ F warp_reduce(F x, Op op) {
 // Block-wide reduction of two floats; every thread gets the result.
 template <typename F, typename Op>
 __device__ __forceinline__ void block_reduce2(F& a, F& b, Op op, F (*shared)[2]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = kThreads / 32;
   a = warp_reduce(a, op);
   b = warp_reduce(b, op);
   if (lane == 0) {
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams prm, Ca
     if (uniform_row(skip, vocab, max_z, max_u, sums_z, sums_u, value)) {  // block-uniform
       if (threadIdx.x == 0) prm.row_loss[row] = value;
       if (grad) {
-        for (RowIndex v = threadIdx.x; v < vocab; v += blockDim.x) grad[v] = from_float<S>(value);
+        for (RowIndex v = threadIdx.x; v < vocab; v += kThreads) grad[v] = from_float<S>(value);
       }
       continue;
     }

@@ -3,7 +3,7 @@
 # fit one short device call, most important first:
 #
 #   bash benchmarks/gpu_check.sh build     # build from source for sm_90 (reused by later steps)
-#   bash benchmarks/gpu_check.sh tests     # the test suite, CUDA included
+#   bash benchmarks/gpu_check.sh tests     # the test suite, CUDA included, and the gradient's error margin
 #   bash benchmarks/gpu_check.sh target    # the target rows alone, bf16: fused-linear 8192 tokens x
 #                                          # 4096 hidden x 128256 first, then skew_kl fwd+bwd 8192x128256
 #   bash benchmarks/gpu_check.sh rest      # replay buffer and the remaining benchmark shapes
@@ -34,6 +34,12 @@ tests() {
   # A failing test must not cost the benchmark steps: report and go on.
   python -m pytest -q python_tests -m "not slow" "${ignore[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -15 \
     || echo "TESTS FAILED (see $OUT/tests.txt)"
+  # How much of the float64 bound the real MUFU errors use, beside the emulation's worst case
+  # (benchmarks/RESULTS.md).
+  for direction in --reverse --no-reverse; do
+    python benchmarks/gradient_error_margin.py --device cuda "$direction" 2>&1 | tee -a "$OUT/error_margin.txt" \
+      || echo "ERROR MARGIN FAILED"
+  done
 }
 
 target() {

@@ -12,6 +12,7 @@
 #include "no_kernel.h"
 #include "reduction.h"
 #include "skew_kl_cpu.h"
+#include "skew_kl_cuda_emulation.h"
 
 #ifdef DISTILLM_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -153,6 +154,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   const int64_t vocab = student.size(-1);
   const int64_t num_rows = student.numel() / vocab;
   if (num_rows == 0) return {row_loss, grad};
+  const bool cuda_formulas = student.is_cuda() || cuda_emulation_requested();  // the kernel, or its emulation
+  TORCH_CHECK(!cuda_formulas || vocab <= kMaxCudaVocab,
+              "skew_kl: the CUDA kernel takes at most 2^30 vocabulary entries, got ", vocab);
 
   ForwardParams prm{};
   const at::Tensor student_rows = with_row_layout(student, prm.student_rows);
@@ -180,8 +184,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   }
 #ifdef DISTILLM_WITH_CUDA
   if (student.is_cuda()) {
-    TORCH_CHECK(vocab <= kMaxCudaVocab, "skew_kl: the CUDA kernel takes at most 2^30 vocabulary entries, got ",
-                vocab);
     const c10::cuda::CUDAGuard device_guard(student.device());
     skew_kl_forward_cuda(prm, c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

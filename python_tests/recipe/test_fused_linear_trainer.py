@@ -18,6 +18,9 @@ from test_trainer import _run, final_weights, train, train_records
 def assert_same_runs(runs):
     for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
         fused, logits = ([r[key] for r in train_records(runs[f])] for f in (True, False))
+        # ce_loss is None at kd_ratio=1 (nothing was computed): it must be None on both paths.
+        assert [value is None for value in fused] == [value is None for value in logits], key
+        fused, logits = ([value for value in run if value is not None] for run in (fused, logits))
         assert fused == pytest.approx(logits, rel=1e-5, abs=1e-7), key
     # AdamW divides by sqrt(v): a gradient entry near 0 steps by ~lr whatever its size, so float32
     # rounding of a 1e-9 gradient (different summation orders) moves a weight by up to ~lr * 1e-3.

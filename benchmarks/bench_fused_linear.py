@@ -20,7 +20,6 @@ above the models, optimizer state and batch.
 """
 
 import argparse
-import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -94,8 +93,7 @@ def step_case(fused, warmup, reps, vocab=128256, batch=8, length=1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distillm_ext.recipe.config import LossConfig
-    from distillm_ext.recipe.kd_loss import MicroBatchLoss
-    from distillm_ext.recipe.trainer import StepTimer
+    from distillm_ext.recipe.forwards import make_kd_path
 
     def model(layers, seed):
         torch.manual_seed(seed)
@@ -105,17 +103,16 @@ def step_case(fused, warmup, reps, vocab=128256, batch=8, length=1024):
 
     teacher, student = model(2, 0).eval().requires_grad_(False), model(1, 1)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    loss = MicroBatchLoss(LossConfig(type="skl", fused_linear=fused), student, teacher, vocab)
-    assert loss.fused == fused
+    forwards, loss = make_kd_path(LossConfig(type="skl", fused_linear=fused), student, student, teacher, vocab)
+    assert forwards.fused_linear == fused
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, length), generator=g)
     labels = input_ids.clone()
     labels[:, : length // 2] = -100  # the prompt half
     data = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    timer = StepTimer(torch.device("cpu"))
-
     def step():
-        total, _, _ = loss(student, teacher, data, timer, contextlib.nullcontext)
+        teacher_signal = forwards.teacher_signal(data)
+        total, _, _ = loss(**forwards.student_outputs(data), teacher=teacher_signal, targets=labels[:, 1:])
         total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

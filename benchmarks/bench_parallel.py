@@ -16,10 +16,15 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, print_table, write_json  # noqa: E402
+
+from distillm_ext.recipe.config import ParallelPlanName  # noqa: E402
+
+PLANS = typing.get_args(ParallelPlanName)
 
 
 def local_bytes(tensors) -> int:
@@ -88,14 +93,14 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--parallel", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", choices=PLANS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_parallel.json")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     rows = []
     for ranks in args.ranks:
-        for parallel in ("ddp", "fsdp"):
+        for parallel in PLANS:
             per_rank = launch(parallel, ranks, args)
             # the largest rank: what each machine must hold
             row = {k: max(r[k] for r in per_rank) for k in ("parameter_mb", "gradient_mb", "optimizer_mb",

@@ -20,15 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment, print_table, write_json  # noqa: E402
 
+from distillm_ext.recipe.config import SGOMode  # noqa: E402
 from distillm_ext.recipe.data import builtin_data_files  # noqa: E402
 from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 
-MODES = ("off", "on_policy", "adaptive")
+MODES = typing.get_args(SGOMode)
 
 
 def small_split(path: Path, examples: int) -> Path:

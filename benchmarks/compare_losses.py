@@ -35,15 +35,17 @@ import shutil
 import statistics
 import sys
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment  # noqa: E402
 
 from distillm_ext.recipe.cli import main as distillm  # noqa: E402
+from distillm_ext.recipe.config import LossType  # noqa: E402
 from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 
-LOSSES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
+LOSSES = tuple(name for name in typing.get_args(LossType) if name != "sfkl")  # sfkl is skl
 CONFIGURATIONS = {
     **{loss: [f"loss.type={loss}", "loss.kd_ratio=1"] for loss in LOSSES},
     "gold": ["loss.kd_ratio=0"],

@@ -1,11 +1,13 @@
-"""Atomic checkpoints: `<run>/checkpoints/step-000050/{model/, checkpoint.json, trainer_state.pt, rank*.pt}`,
+"""Checkpoints, written atomically; the Checkpointer saves and restores them for any parallel plan.
+
+Layout: `<run>/checkpoints/step-000050/{model/, checkpoint.json, trainer_state.pt, rank*.pt}`,
 and `sharded/` (torch.distributed.checkpoint) in FSDP runs.
 
 A checkpoint is assembled in a temporary directory beside its final place, flushed to disk, and
 renamed into it only when complete; an old one is renamed out of the `step-*` namespace before it
 is deleted. So a run killed at any moment (SIGKILL included) leaves complete checkpoints only, and
 `checkpoints()` lists only complete ones. Each rank saves its own state to rank<r>.pt (RNG streams,
-which differ per rank, and what the trainer passes as `rank_state`, such as its replay buffer);
+which differ per rank, and the state of the trainer's per-rank objects, such as its replay buffer);
 rank 0 saves the rest. checkpoint.json holds what readers need without unpickling the trainer
 state (`distillm eval`: the vocabulary size the run was distilled on).
 """
@@ -22,7 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .distributed import barrier, rank
+from .config import Config, ConfigError
+from .distributed import Runtime, barrier, rank
 from .run_directory import remove_leftovers, remove_tree
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -132,3 +135,53 @@ def load_trainer_state(checkpoint: Path) -> dict:
 def load_rank_state(checkpoint: Path) -> dict:
     """This rank's own state (rng, what the trainer passed as rank_state)."""
     return torch.load(checkpoint / f"rank{rank()}.pt", map_location="cpu", weights_only=False)
+
+
+class Checkpointer:
+    """Saves a run's checkpoints and restores one on --resume, whatever the parallel plan: the plan
+    says what the model and optimizer state are, this class writes and reads them with the
+    trainer's state (rank 0) and each rank's own (`rank_objects`, and the RNG streams)."""
+
+    # Keys whose change would make a checkpoint's state mean something else (the batch source's
+    # kind, the replay buffer's shape): --resume refuses them rather than misreading the state.
+    RESUME_FIXED_KEYS = ("sgo.mode", "sgo.buffer_size", "data.max_length")
+
+    def __init__(self, run_dir: Path, plan, runtime: Runtime, keep: int):
+        self.run_dir, self.plan, self.runtime, self.keep = run_dir, plan, runtime, keep
+
+    def save(self, step: int, student, tokenizer, optimizer, trainer_state: dict, rank_objects: dict,
+             info: dict) -> Path:
+        """Checkpoint `step` (all ranks call this). `rank_objects`: {name: object with
+        state_dict()} saved per rank; `info` goes to checkpoint.json."""
+        saved = self.plan.checkpoint_state(optimizer)
+        return save_checkpoint(
+            self.run_dir, step, student, tokenizer, {**trainer_state, "optimizer": saved.optimizer_state},
+            {name: value.state_dict() for name, value in rank_objects.items()},
+            {**info, "world_size": self.runtime.world_size}, self.keep, model_state=saved.model_state,
+            sharded_state=saved.sharded)
+
+    def restore(self, checkpoint: Path, config: Config, optimizer, rank_objects: dict) -> dict:
+        """Loads `checkpoint` into the optimizer (and, for a sharded plan, the student) and into
+        `rank_objects`, restores this rank's RNG streams last, and returns the trainer state."""
+        state = load_trainer_state(checkpoint)
+        self._check_resumable(checkpoint, state["config"], config)  # before reading this rank's own file
+        rank_state = load_rank_state(checkpoint)
+        self.plan.load_checkpoint(optimizer, checkpoint, state["optimizer"])
+        for name, value in rank_objects.items():
+            value.load_state_dict(rank_state[name])
+        set_rng_state(rank_state["rng"])
+        return state
+
+    def _check_resumable(self, checkpoint: Path, saved: dict, config: Config) -> None:
+        world_size = read_info(checkpoint)["world_size"]
+        if world_size != self.runtime.world_size:
+            raise ConfigError(
+                f"--resume: {checkpoint} was saved by {world_size} process(es), and this run has "
+                f"{self.runtime.world_size}; resume with torchrun --nproc_per_node {world_size} "
+                f"(x nodes) so that every rank finds its own state")
+        for key in self.RESUME_FIXED_KEYS:
+            section, name = key.split(".")
+            before, now = saved[section][name], getattr(getattr(config, section), name)
+            if before != now:
+                raise ConfigError(f"--resume: {key} was {before!r} in {checkpoint}, and is {now!r} now; "
+                                  f"resume with {key}={before}, or start a new run")

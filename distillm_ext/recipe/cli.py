@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, describe_options, load_config
+from .config import ConfigError, describe, load_config
 from .distributed import shutdown
 
 EXAMPLES = """\
@@ -34,7 +34,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    options = "config keys (KEY=VALUE, default shown):\n" + describe_options()
+    options = "config keys (KEY=VALUE, default shown):\n" + describe()
     parser = argparse.ArgumentParser(prog="distillm", description="DistiLLM knowledge distillation of causal LMs.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +89,7 @@ def run_eval(args) -> dict:
     from .checkpoint import read_info
     from .data import load_split
     from .evaluate import evaluate
-    from .models import load_causal_lm, load_student, load_teacher
+    from .models import load_causal_lm, load_student, load_teacher, teacher_dir
 
     checkpoint, run_dir = (None, None) if args.model in ("teacher", "student") else find_checkpoint(args.model)
     files = [str(run_dir / "config.json")] if run_dir else []
@@ -98,7 +98,8 @@ def run_eval(args) -> dict:
         model, tokenizer = load_teacher(config.teacher.path)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         if args.model == "student":
-            model = load_student(config.student.path, config.student.keep_layers, model, tokenizer)
+            model = load_student(config.student.path, config.student.keep_layers, teacher_dir(config.teacher.path),
+                                 tokenizer)
             vocab_size = min(vocab_size, model.get_output_embeddings().weight.shape[0])
     else:  # the teacher is not needed, nor loaded
         model, tokenizer = load_causal_lm(str(checkpoint / "model" if checkpoint else args.model), "--model")
@@ -109,6 +110,17 @@ def run_eval(args) -> dict:
     result = evaluate(model.to(device), tokenizer, examples, config.eval, device, vocab_size).to_dict()
     result.update(model=args.model, split=args.split)
     return result
+
+
+def results_table(summary: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    rows = [("teacher", summary.get("teacher")), ("student before", summary["student_before"]),
+            ("student after", summary["student_after"])]
+    lines = [f"{'model':<16} {'val loss':>9} {'ROUGE-L':>8}", "-" * 35]
+    for name, result in rows:
+        if result:
+            lines.append(f"{name:<16} {result['val_loss']:>9.4f} {result['rougeL']:>8.2f}")
+    return "\n".join(lines)
 
 
 def missing_train_requirements() -> list:
@@ -142,7 +154,8 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         if args.command == "train":
-            from .trainer import NonFiniteError, Trainer, results_table
+            from .stopping import RunStopped
+            from .trainer import NonFiniteError, Trainer
 
             config = load_config(args.config, args.overrides)
             try:
@@ -150,6 +163,9 @@ def main(argv=None) -> int:
             except NonFiniteError as error:
                 print(f"distillm: error: {error}", file=sys.stderr)
                 return 1
+            except RunStopped as stopped:
+                print(f"distillm: {stopped}", file=sys.stderr)
+                return 130
             print(results_table(summary))
             print(f"run directory: {config.output.dir}")
         else:
@@ -160,8 +176,8 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"distillm: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
-        print(f"distillm: {interrupt or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
+        print("distillm: interrupted", file=sys.stderr)
         return 130
     finally:
         shutdown()

@@ -11,16 +11,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import string
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Literal, Optional
+
+from ..losses import LOSSES
+from ..schedule import FIRST_REFERENCES, REPLAY_RATIOS
+from .config_parsing import ConfigError, apply_dict, apply_overrides, describe_options, read_config_file
 
 BUILTIN = "builtin"
-SGO_MODES = ("off", "on_policy", "adaptive")
-NONFINITE_POLICIES = ("stop", "skip")
+
+# The allowed values of a key are its type: --help, the checks and the code read this one list.
+# (The library's own lists, for loss types and the adaptive schedule, are used as they are.)
+LossType = Literal[tuple(LOSSES)]
+LrSchedule = Literal["cosine", "linear", "constant"]
+NonFinitePolicy = Literal["stop", "skip"]
+ParallelPlanName = Literal["ddp", "fsdp"]
+SGOMode = Literal["off", "on_policy", "adaptive"]
+ReplayRatio = Literal[REPLAY_RATIOS]
+FirstReference = Literal[FIRST_REFERENCES]
 
 
 def opt(default, help: str):
@@ -60,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = opt("skl", "fkl, rkl, skl (sfkl), srkl, jsd or tvd")
+    type: LossType = opt("skl", "the divergence (sfkl is skl)")
     alpha: float = opt(0.1, "skew of skl/srkl, in [0, 1)")
     beta: float = opt(0.5, "weight of jsd, in (0, 1)")
     temperature: float = opt(1.0, "softmax temperature of both distributions")
@@ -79,14 +89,16 @@ class TrainConfig:
     lr: float = opt(2e-4, "peak AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(10, "linear warm-up steps")
-    schedule: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant")
+    schedule: LrSchedule = opt("cosine", "learning-rate decay after warm-up")
     max_grad_norm: float = opt(1.0, "gradient-norm clipping; 0 disables it")
     seed: int = opt(1234, "seed of weights init, data order and sampling")
-    nonfinite: str = opt("stop", "on a non-finite gradient norm: stop (the weights are never updated with it) "
-                                 "or skip (drop that step's update and count it, as mixed-precision loss scaling does)")
+    nonfinite: NonFinitePolicy = opt("stop", "on a non-finite gradient norm: stop (the weights are never updated "
+                                             "with it) or skip (drop that step's update and count it, as "
+                                             "mixed-precision loss scaling does)")
     bf16: bool = opt(True, "bf16 autocast and a bf16 teacher (CUDA only)")
-    parallel: str = opt("ddp", "over torchrun's ranks: ddp (whole models on every rank) or fsdp (FSDP2: student and "
-                               "teacher sharded per decoder layer; sharded checkpoints)")
+    parallel: ParallelPlanName = opt("ddp", "over torchrun's ranks: ddp (whole models on every rank) or fsdp "
+                                            "(FSDP2: student and teacher sharded per decoder layer; sharded "
+                                            "checkpoints)")
 
 
 @dataclass
@@ -104,17 +116,17 @@ class EvalConfig:
 
 @dataclass
 class SGOConfig:
-    mode: str = opt("off", "off (dataset only: plain KD), on_policy (fresh student outputs, GKD-style) or "
-                           "adaptive (DistiLLM: replay buffer + adaptive schedule)")
+    mode: SGOMode = opt("off", "off (dataset only: plain KD), on_policy (fresh student outputs, GKD-style) or "
+                               "adaptive (DistiLLM: replay buffer + adaptive schedule)")
     on_policy_ratio: float = opt(1.0, "on_policy: probability of a step on fresh student outputs (lambda)")
     buffer_size: int = opt(1000, "replay buffer capacity in sequences, per rank")
     init_threshold: float = opt(0.0, "adaptive: initial phi, the probability of a step on student outputs")
     loss_eps: float = opt(0.1, "adaptive: phi rises when the validation loss is worse by at least this")
     n_phi: int = opt(10, "adaptive: phi rises by 1/n_phi at a time")
-    replay_ratio: str = opt("decreasing", "adaptive: share of phi spent on fresh generation over time: "
-                                          "decreasing, constant or increasing")
-    first_reference: str = opt("before_training", "adaptive: the first validation loss phi compares with: "
-                                                  "before_training (the paper's code) or first_validation")
+    replay_ratio: ReplayRatio = opt("decreasing", "adaptive: how the share of phi spent on fresh generation "
+                                                  "changes over time")
+    first_reference: FirstReference = opt("before_training", "adaptive: the first validation loss phi compares "
+                                                             "with (before_training: the paper's code)")
     temperature: float = opt(1.0, "sampling temperature of student outputs")
     top_p: float = opt(1.0, "nucleus sampling of student outputs (1 = off)")
     top_k: int = opt(0, "top-k sampling of student outputs (0 = off)")
@@ -145,145 +157,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _field_types(section_cls) -> dict:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
-
-
-def _convert(key: str, value: Any, annotation, from_text: bool) -> Any:
-    """`value` as `annotation` (int, float, bool, str, list[int], Optional[...]), or ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X]
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (from_text and value in ("null", "none", "None")):
-            return None
-        return _convert(key, value, inner, from_text)
-    if origin is list:
-        (inner,) = typing.get_args(annotation)
-        if from_text and isinstance(value, str):
-            value = [v for v in value.strip("[]").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        return [_convert(key, v.strip() if isinstance(v, str) else v, inner, from_text) for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        word = str(value).strip().lower()
-        if from_text and word in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return word in ("true", "1", "yes", "on")
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_text:
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_text:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. data.train=123 names a file called "123"
-    name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"config key {key!r} expects {name}, got {value!r} ({type(value).__name__})")
-
-
-def _set(config: Config, dotted_key: str, value: Any, from_text: bool) -> None:
-    section_name, _, key = dotted_key.partition(".")
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    if section_name not in sections or not key:
-        raise ConfigError(
-            f"unknown config key {dotted_key!r}: keys are SECTION.FIELD with SECTION one of "
-            f"{', '.join(sections)}"
-        )
-    section = getattr(config, section_name)
-    types = _field_types(type(section))
-    if key not in types:
-        raise ConfigError(
-            f"unknown config key {dotted_key!r}; valid keys in [{section_name}]: "
-            f"{', '.join(f'{section_name}.{k}' for k in types)}"
-        )
-    setattr(section, key, _convert(dotted_key, value, types[key], from_text))
-
-
-def apply_dict(config: Config, values: dict) -> None:
-    """Applies a nested {section: {field: value}} mapping (as in a config file)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config file must hold a mapping of sections, got {type(values).__name__}")
-    for section_name, section_values in values.items():
-        if not isinstance(section_values, dict):
-            raise ConfigError(f"config section {section_name!r} must be a mapping, got {section_values!r}")
-        for key, value in section_values.items():
-            _set(config, f"{section_name}.{key}", value, from_text=False)
-
-
-_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
-
-
-def _unescape(text: str) -> str:
-    """`\\n`, `\\t` and `\\\\` typed on a command line mean a newline, a tab and a backslash."""
-    return re.sub(r"\\[nt\\]", lambda match: _ESCAPES[match.group(0)], text)
-
-
-def apply_overrides(config: Config, overrides: list[str]) -> None:
-    """Applies command-line KEY=VALUE overrides (`train.max_steps=20`, `student.keep_layers=0,1,29`).
-
-    A VALUE is taken as typed, spaces included (a template may end in one), with `\\n`, `\\t` and
-    `\\\\` read as escapes."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=20)")
-        _set(config, key.strip(), _unescape(value), from_text=True)
-
-
-def _yaml_loader():
-    """PyYAML's safe loader, reading floats as YAML 1.2 and JSON do: PyYAML (YAML 1.1) takes `2e-4`
-    and `1e-05`, without a dot, for strings."""
-    import yaml  # a dependency of transformers
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-                   r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-        list("-+0123456789."))
-    return Loader
-
-
-def read_config_file(path: str) -> dict:
-    """A config file's {section: {key: value}}: JSON for *.json, YAML otherwise."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = file.read_text()
-    if file.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"config file {path} is not valid JSON: line {error.lineno}: {error.msg}") from None
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-
-
 def load_config(path=None, overrides: Optional[list[str]] = None) -> Config:
     """The default, then each config file in `path` (one path or a list, later ones win), then
     the KEY=VALUE overrides."""
@@ -305,17 +178,13 @@ def template_fields(template: str) -> set:
 
 
 def validate(config: Config) -> None:
-    """Checks that values are in range, naming the key; types are already checked."""
-    from ..losses import LOSSES
-    from ..schedule import FIRST_REFERENCES, REPLAY_RATIOS
-
+    """Checks that values are in range, naming the key; types and choices are already checked."""
     def require(ok: bool, key: str, expected: str) -> None:
         if not ok:
             section, _, name = key.partition(".")
             value = getattr(getattr(config, section), name)
             raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
 
-    require(config.loss.type in LOSSES, "loss.type", f"one of {', '.join(LOSSES)}")
     require(0.0 <= config.loss.alpha < 1.0, "loss.alpha", "in [0, 1)")
     require(0.0 < config.loss.beta < 1.0, "loss.beta", "in (0, 1)")
     require(config.loss.temperature > 0, "loss.temperature", "> 0")
@@ -331,26 +200,20 @@ def validate(config: Config) -> None:
     require(config.train.max_steps > 0 or config.train.epochs > 0, "train.epochs", "> 0 when train.max_steps is 0")
     require(config.train.lr > 0, "train.lr", "> 0")
     require(config.train.warmup_steps >= 0, "train.warmup_steps", ">= 0")
-    require(config.train.schedule in ("cosine", "linear", "constant"), "train.schedule", "cosine, linear or constant")
     require(config.train.max_grad_norm >= 0, "train.max_grad_norm", ">= 0")
-    require(config.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", " or ".join(NONFINITE_POLICIES))
-    require(config.train.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp")
     require(config.eval.interval >= 0, "eval.interval", ">= 0")
     require(config.eval.num_examples >= 0, "eval.num_examples", ">= 0")
     require(config.eval.batch_size > 0, "eval.batch_size", "> 0")
     require(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0")
     sgo = config.sgo
-    require(sgo.mode in SGO_MODES, "sgo.mode", f"one of {', '.join(SGO_MODES)}")
     require(0.0 <= sgo.on_policy_ratio <= 1.0, "sgo.on_policy_ratio", "in [0, 1]")
     require(sgo.buffer_size >= config.train.batch_size, "sgo.buffer_size", ">= train.batch_size")
     require(0.0 <= sgo.init_threshold <= 1.0, "sgo.init_threshold", "in [0, 1]")
     require(sgo.loss_eps >= 0, "sgo.loss_eps", ">= 0")
     require(sgo.n_phi > 0, "sgo.n_phi", "> 0")
-    require(sgo.replay_ratio in REPLAY_RATIOS, "sgo.replay_ratio", f"one of {', '.join(REPLAY_RATIOS)}")
     require(sgo.temperature > 0, "sgo.temperature", "> 0")
     require(0.0 < sgo.top_p <= 1.0, "sgo.top_p", "in (0, 1]")
     require(sgo.top_k >= 0, "sgo.top_k", ">= 0")
-    require(sgo.first_reference in FIRST_REFERENCES, "sgo.first_reference", " or ".join(FIRST_REFERENCES))
     require(config.output.log_interval > 0, "output.log_interval", "> 0")
     require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
     require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")
@@ -382,18 +245,6 @@ def save_config(config: Config, path: Path) -> None:
     os.replace(staging, path)
 
 
-def describe_options() -> str:
-    """Every config key with its default, for `--help`."""
-    lines = []
-    defaults = Config()
-    for section in dataclasses.fields(Config):
-        values = getattr(defaults, section.name)
-        types = _field_types(type(values))
-        for option in dataclasses.fields(values):
-            annotation = types[option.name]
-            type_name = getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
-            default = getattr(values, option.name)
-            if isinstance(default, list):
-                default = ",".join(map(str, default))
-            lines.append(f"  {section.name}.{option.name}={default}  ({type_name}) {option.metadata['help']}")
-    return "\n".join(lines)
+def describe() -> str:
+    """Every config key with its default, type and help, for `--help`."""
+    return describe_options(Config())

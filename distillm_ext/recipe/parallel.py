@@ -1,48 +1,163 @@
 """train.parallel: how the student and the teacher are spread over the ranks torchrun starts.
 
+A parallel plan owns everything that differs between the modes, and the trainer only calls it:
+wrapping the models, skipping the gradient sync of accumulating micro-batches, what follows a
+micro-batch, the global gradient norm, and the checkpoint's model and optimizer state.
+
 - ddp (default): every rank holds both models whole; DistributedDataParallel all-reduces the
-  student's gradients.
+  student's gradients (a single process needs no wrapper).
 - fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`) per decoder layer and at the root, for the
   student and for the frozen teacher, so parameters, gradients and AdamW state are split over
   the ranks. A layer's parameters are gathered for its forward (and the student's again for its
   backward) and freed after. The teacher's root (embeddings, final norm, output embedding)
-  stays gathered from its forward to the end of the step's loss, which reads its output
-  embedding, and is freed by `release_teacher_root`: one gather per micro-batch, not one per
-  loss chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients
-  in float32 (MixedPrecisionPolicy); on CPU everything is float32.
+  stays gathered from its forward to the end of the micro-batch's loss, which reads its output
+  embedding, and is freed in `after_micro_batch`: one gather per micro-batch, not one per loss
+  chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients in
+  float32 (MixedPrecisionPolicy); on CPU everything is float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
 
+from .checkpoint import SHARDED_DIR
 from .config import ConfigError
-
-PARALLEL_MODES = ("ddp", "fsdp")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM: the longest ModuleList under its base
-    model whose entries share one class (`model.layers` of Llama/Qwen, `h` of GPT-2, ...)."""
-    base = getattr(model, "base_model", model)
-    candidates = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-                  and len({type(layer) for layer in m}) == 1]
-    if not candidates:
-        raise ConfigError(f"train.parallel=fsdp: found no decoder layers in {type(model).__name__} (no list of "
-                          f"identical blocks under its base model) to shard; use train.parallel=ddp")
-    return max(candidates, key=len)
+from .distributed import Runtime
+from .models import decoder_layers
 
 
-def check_launch(parallel: str) -> None:
-    """fsdp shards over the processes of a torchrun launch; without one there is nothing to
-    shard over, and the user most likely forgot torchrun."""
-    if parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
-        raise ConfigError("train.parallel=fsdp shards over the processes of a torchrun launch; start it with "
-                          "torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ... (N = 1 is allowed)")
+@dataclass
+class CheckpointState:
+    """What a plan contributes to a checkpoint: `model_state` (the state dict model/ is written
+    from; None: the model's own), `optimizer_state` (saved with the trainer state on rank 0), and
+    `sharded` (what every rank writes with torch.distributed.checkpoint)."""
+
+    model_state: Optional[dict] = None
+    optimizer_state: Optional[dict] = None
+    sharded: Optional[dict] = None
+
+
+class ParallelPlan(Protocol):
+    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+        """Places (and wraps or shards) both models, in place; returns what the student's
+        training forwards go through."""
+
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        """Around a micro-batch before a step's last: its gradients are not synchronized yet."""
+
+    def after_micro_batch(self) -> None: ...
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clips the student's gradients; returns their global norm (a plain tensor)."""
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> CheckpointState: ...
+
+    def load_checkpoint(self, optimizer: torch.optim.Optimizer, checkpoint: Path,
+                        optimizer_state: Optional[dict]) -> None:
+        """Restores what `checkpoint_state` saved: the optimizer (from `optimizer_state`, as saved
+        with the trainer state, or from the checkpoint's own files)."""
+
+
+class Replicated:
+    """ddp: whole models on every rank (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.student: Optional[nn.Module] = None
+        self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
+
+    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+        device = self.runtime.device
+        teacher.to(device)
+        self.student = student.to(device)
+        if not self.runtime.distributed:
+            return student
+        self.ddp = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+        return self.ddp
+
+    def accumulating(self):
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    def after_micro_batch(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+
+    def checkpoint_state(self, optimizer) -> CheckpointState:
+        return CheckpointState(optimizer_state=optimizer.state_dict())
+
+    def load_checkpoint(self, optimizer, checkpoint: Path, optimizer_state: Optional[dict]) -> None:
+        optimizer.load_state_dict(optimizer_state)
+
+
+class Sharded:
+    """fsdp: FSDP2 over every rank of the launch (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, bf16: bool = False):
+        if "WORLD_SIZE" not in os.environ:  # nothing to shard over: most likely torchrun was forgotten
+            raise ConfigError("train.parallel=fsdp shards over the processes of a torchrun launch; start it with "
+                              "torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ... (N = 1 is allowed)")
+        self.runtime, self.bf16 = runtime, bf16
+        self.student: Optional[nn.Module] = None
+        self.teacher: Optional[nn.Module] = None
+
+    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        device = self.runtime.device
+        self.teacher = shard(teacher.to(device), device, frozen=True)
+        self.student = shard(student.to(device), device, frozen=False, bf16=self.bf16)
+        for model in (student, teacher):  # generation runs outside forward()
+            register_fsdp_forward_method(model, "generate")
+        return student
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self.student.set_requires_gradient_sync(False)  # no reduce-scatter until the last micro-batch
+        try:
+            yield
+        finally:
+            self.student.set_requires_gradient_sync(True)
+
+    def after_micro_batch(self) -> None:
+        self.teacher.reshard()  # the loss has read the teacher root's output embedding
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        # A DTensor: the norm over every rank's shards, which full_tensor() all-reduces.
+        return torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm).full_tensor()
+
+    def checkpoint_state(self, optimizer) -> CheckpointState:
+        """The model gathered on rank 0 for model/, and every rank's model and AdamW shards."""
+        return CheckpointState(model_state=full_model_state(self.student),
+                               sharded=sharded_state(self.student, optimizer))
+
+    def load_checkpoint(self, optimizer, checkpoint: Path, optimizer_state: Optional[dict]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = sharded_state(self.student, optimizer)
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR))
+        set_state_dict(self.student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def make_plan(name: str, runtime: Runtime, bf16: bool = False) -> ParallelPlan:
+    """The plan of train.parallel `name` (its config type lists the names)."""
+    return Sharded(runtime, bf16) if name == "fsdp" else Replicated(runtime)
 
 
 def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = False) -> nn.Module:
@@ -58,41 +173,11 @@ def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = Fal
     # A bool, never an int, for the teacher: an int keeps a second copy of every layer gathered
     # between forward and (never coming) backward (pytorch#147179). It cannot be changed after
     # wrapping (pytorch#149029), so it is chosen here once.
-    for layer in decoder_layers(model):
+    _, layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **options)
     fully_shard(model, **options)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def release_teacher_root(teacher: nn.Module) -> None:
-    """Frees the teacher root's gathered parameters once the step's loss has read them."""
-    if is_sharded(teacher):
-        teacher.reshard()
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool):
-    """Micro-batches before the last of a step accumulate gradients locally: DDP's no_sync, or
-    FSDP2's requires_gradient_sync(False) (no reduce-scatter)."""
-    if enabled:
-        yield
-    elif is_sharded(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    else:
-        yield
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -116,13 +201,3 @@ def full_model_state(model: nn.Module) -> dict:
     for alias in every.keys() - dict(model.named_parameters()).keys():
         state.pop(alias, None)
     return state
-
-
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder) -> None:
-    """Loads what `sharded_state` saved into `folder` (all ranks call this)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    state = sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -154,3 +154,9 @@ class SGOBatches:
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         self._random.setstate(state["random"])
+
+
+def make_batch_source(dataset: DatasetBatches, sgo: SGOConfig, student, **options):
+    """The run's batch source: the dataset itself with sgo.mode off, else SGOBatches around it
+    (`options`: SGOBatches' keyword arguments)."""
+    return dataset if sgo.mode == "off" else SGOBatches(dataset, student, sgo, **options)

@@ -10,10 +10,8 @@ import sys
 import pytest
 import torch
 from tiny_models import overrides
-from torch import nn
 
 from distillm_ext.recipe.config import ConfigError, load_config
-from distillm_ext.recipe.parallel import decoder_layers
 from distillm_ext.recipe.trainer import Trainer
 from test_trainer import KILL_AT_STEP_5, REPO, _run, final_weights, train_records
 
@@ -103,8 +101,3 @@ def test_fsdp_without_torchrun_is_a_clear_error(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="train.parallel=fsdp shards over the processes of a torchrun launch"):
         Trainer(load_config(None, overrides(tiny, tmp_path / "run", train__parallel="fsdp")))
-
-
-def test_a_model_without_decoder_layers_is_a_clear_error():
-    with pytest.raises(ConfigError, match="found no decoder layers in Sequential"):
-        decoder_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))

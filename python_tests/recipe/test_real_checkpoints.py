@@ -15,7 +15,8 @@ from distillm_ext.recipe.config import EvalConfig, load_config
 from distillm_ext.recipe.data import collate_for_training, collate_prompts, encode_examples, load_examples
 from distillm_ext.recipe.evaluate import generate_answers
 from distillm_ext.losses import make_loss
-from distillm_ext.recipe.trainer import NonFiniteError, StepTimer, Trainer
+from distillm_ext.recipe.step_stats import StepTimer
+from distillm_ext.recipe.trainer import NonFiniteError, Trainer
 
 # What instruct checkpoints ship, and worse: each of these changes what generate() does.
 HOSTILE = dict(repetition_penalty=3.0, no_repeat_ngram_size=1, do_sample=True, temperature=0.05, top_k=2,
@@ -106,12 +107,13 @@ def test_loss_and_validation_normalize_over_the_shared_vocabulary(tiny, tmp_path
     student, shared = padded_student(tiny, tmp_path)
     trainer = Trainer(load_config(None, overrides(tiny, tmp_path / "run", student__path=student,
                                                   loss__kd_ratio=0.5, loss__fused_linear=fused_linear)))
-    assert trainer.loss.fused == fused_linear
+    assert trainer.forwards.fused_linear == fused_linear
     batch = trainer.source.next_batch(0)[0]
 
     def measure():
-        _, kd, ce = trainer.loss(trainer.model, trainer.teacher, batch, StepTimer(torch.device("cpu")),
-                                 trainer._autocast)
+        teacher = trainer.forwards.teacher_signal(batch)
+        _, kd, ce = trainer.loss(**trainer.forwards.student_outputs(batch), teacher=teacher,
+                                 targets=batch["labels"][:, 1:])
         return kd.item(), ce.item(), trainer.evaluate(trainer.student).val_loss
 
     before = measure()
@@ -175,8 +177,6 @@ def test_training_forwards_build_no_kv_cache(tiny, tmp_path):
     for model in (trainer.teacher, trainer.student):
         model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("use_cache")),
                                         with_kwargs=True)
-    from distillm_ext.recipe.trainer import StepTimer
-
     trainer.train_step(StepTimer(torch.device("cpu")))
     assert seen == [False, False]
 

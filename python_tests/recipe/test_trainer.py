@@ -3,6 +3,7 @@ two processes match one, and faults stop the run cleanly."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from tiny_models import overrides
 from distillm_ext.recipe.config import load_config
 from distillm_ext.recipe.metrics import read_metrics
 from distillm_ext.losses import LOSSES
-from distillm_ext.recipe.trainer import NonFiniteError, Trainer, lr_factor
+from distillm_ext.recipe.stopping import RunStopped
+from distillm_ext.recipe.optim import lr_factor
+from distillm_ext.recipe.trainer import NonFiniteError, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,10 +136,10 @@ def test_non_finite_weights_stop_the_run_at_the_next_step(tiny, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):
     def interrupt(trainer, step):
         if step == 3:
-            trainer._request_stop(__import__("signal").SIGINT, None)
+            signal.raise_signal(signal.SIGINT)  # the run finishes step 4, saves it and stops
 
     run = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 4"):
+    with pytest.raises(RunStopped, match="stopped at step 4"):
         train(overrides(tiny, run), callbacks=(interrupt,))
     assert (run / "checkpoints" / "step-000004").is_dir()
     summary = train(overrides(tiny, run), resume=True)

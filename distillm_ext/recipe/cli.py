@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, describe, load_config
+from .config import SFT_SETTINGS, ConfigError, describe, load_config
 from .distributed import shutdown
 
 EXAMPLES = """\
@@ -23,6 +23,9 @@ examples:
   distillm train                                   # the built-in default (SmolLM2-135M -> 12 layers, WordNet)
   distillm train loss.type=srkl train.max_steps=20 output.dir=runs/srkl
   distillm train --config my_run.yaml --resume
+  distillm train teacher.path=builtin-untuned      # distill from the instruct model before it was tuned
+  distillm sft student.path=my_model output.dir=runs/sft   # fine-tune on the data set, no teacher
+  distillm sft --builtin-teacher                   # make the built-in teacher now (else on first use)
   distillm eval --model runs/srkl                  # the run's newest checkpoint, with the run's own settings
   torchrun --nproc_per_node 2 -m distillm_ext.recipe.cli train train.batch_size=16
 """
@@ -43,11 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distills config.teacher into config.student and prints a before/after table. "
                     "Writes config.json, metrics.jsonl, plots/, checkpoints/ and summary.json to output.dir.",
         epilog=options + "\n\n" + EXAMPLES)
-    _add_config_arguments(train)
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint in output.dir (exactly where it stopped)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace a run already in output.dir (without it, that is an error)")
+    sft = commands.add_parser(
+        "sft", help="fine-tune student.path on the data set's responses, without a teacher",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Supervised fine-tuning through the same trainer: cross-entropy on the responses, no "
+                    f"teacher (it sets {' '.join(SFT_SETTINGS)} over the config). The outputs are those of "
+                    "`distillm train`.",
+        epilog=options + "\n\n" + EXAMPLES)
+    sft.add_argument("--builtin-teacher", action="store_true",
+                     help="make the built-in teacher (the instruct model tuned on the built-in data) in the "
+                          "cache, if it is not there yet, and print its directory; no other arguments")
+    for command in (train, sft):
+        _add_config_arguments(command)
+        command.add_argument("--resume", action="store_true",
+                             help="continue from the newest checkpoint in output.dir (exactly where it stopped)")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a run already in output.dir (without it, that is an error)")
     evaluate = commands.add_parser(
         "eval", help="score a model: validation loss and ROUGE-L", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Scores a model on a data split: cross-entropy on the reference responses and ROUGE-L "
@@ -89,7 +103,7 @@ def run_eval(args) -> dict:
     from .checkpoint import read_info
     from .data import load_split
     from .evaluate import evaluate
-    from .models import load_causal_lm, load_student, load_teacher, teacher_dir
+    from .models import load_causal_lm, load_student, load_teacher
 
     checkpoint, run_dir = (None, None) if args.model in ("teacher", "student") else find_checkpoint(args.model)
     files = [str(run_dir / "config.json")] if run_dir else []
@@ -98,8 +112,7 @@ def run_eval(args) -> dict:
         model, tokenizer = load_teacher(config.teacher.path)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         if args.model == "student":
-            model = load_student(config.student.path, config.student.keep_layers, teacher_dir(config.teacher.path),
-                                 tokenizer)
+            model, _ = load_student(config.student.path, config.student.keep_layers, config.teacher.path, tokenizer)
             vocab_size = min(vocab_size, model.get_output_embeddings().weight.shape[0])
     else:  # the teacher is not needed, nor loaded
         model, tokenizer = load_causal_lm(str(checkpoint / "model" if checkpoint else args.model), "--model")
@@ -153,11 +166,19 @@ def main(argv=None) -> int:
     for noisy in ("transformers", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        if args.command == "train":
+        if args.command == "sft" and args.builtin_teacher:
+            from .builtin_teacher import tuned_dir
+
+            if args.config or args.overrides or args.resume or args.overwrite:
+                raise ConfigError("sft --builtin-teacher makes the built-in teacher with its fixed recipe and "
+                                  "takes no other arguments")
+            print(tuned_dir())
+        elif args.command in ("train", "sft"):
             from .stopping import RunStopped
             from .trainer import NonFiniteError, Trainer
 
-            config = load_config(args.config, args.overrides)
+            settings = SFT_SETTINGS if args.command == "sft" else []
+            config = load_config(args.config, settings + args.overrides)  # the user may not contradict them
             try:
                 summary = Trainer(config, resume=args.resume, overwrite=args.overwrite).fit()
             except NonFiniteError as error:

@@ -21,6 +21,11 @@ from ..schedule import FIRST_REFERENCES, REPLAY_RATIOS
 from .config_parsing import ConfigError, apply_dict, apply_overrides, describe_options, read_config_file
 
 BUILTIN = "builtin"
+BUILTIN_UNTUNED = "builtin-untuned"  # the built-in teacher before it was tuned on the task
+NO_TEACHER = "none"
+# What `distillm sft` sets over the user's config: plain supervised fine-tuning of student.path,
+# cross-entropy on the responses, no teacher.
+SFT_SETTINGS = [f"teacher.path={NO_TEACHER}", "loss.kd_ratio=0", "eval.teacher=false"]
 
 # The allowed values of a key are its type: --help, the checks and the code read this one list.
 # (The library's own lists, for loss types and the adaptive schedule, are used as they are.)
@@ -42,12 +47,15 @@ def opt(default, help: str):
 
 @dataclass
 class TeacherConfig:
-    path: str = opt(BUILTIN, 'local Hugging Face causal-LM directory, or "builtin" (SmolLM2-135M-Instruct)')
+    path: str = opt(BUILTIN, 'local Hugging Face causal-LM directory; "builtin" (SmolLM2-135M-Instruct tuned on the '
+                             'built-in data, made on first use), "builtin-untuned" (before tuning), or "none" (no '
+                             'teacher: distillm sft)')
 
 
 @dataclass
 class StudentConfig:
-    path: str = opt(BUILTIN, 'local causal-LM directory, or "builtin": the teacher with fewer layers')
+    path: str = opt(BUILTIN, 'local causal-LM directory, "builtin" (the teacher with fewer layers) or '
+                             '"builtin-untuned"')
     # First and last layers kept, middle ones removed: this model family degrades least that way.
     keep_layers: list[int] = opt(
         [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29], "teacher layers the built-in student keeps (comma-separated)"
@@ -189,6 +197,10 @@ def validate(config: Config) -> None:
     require(0.0 < config.loss.beta < 1.0, "loss.beta", "in (0, 1)")
     require(config.loss.temperature > 0, "loss.temperature", "> 0")
     require(0.0 <= config.loss.kd_ratio <= 1.0, "loss.kd_ratio", "in [0, 1]")
+    if config.teacher.path == NO_TEACHER:  # distillm sft: cross-entropy alone
+        require(config.loss.kd_ratio == 0.0, "loss.kd_ratio", "0 without a teacher (teacher.path=none)")
+        require(not config.eval.teacher, "eval.teacher", "false without a teacher (teacher.path=none)")
+        require(config.sgo.mode == "off", "sgo.mode", "off without a teacher (teacher.path=none)")
     require(config.data.max_prompt_length > 0, "data.max_prompt_length", "> 0")
     require(config.data.max_length > config.data.max_prompt_length, "data.max_length", "> data.max_prompt_length")
     require(config.data.template == "chat" or template_fields(config.data.template) == {"prompt"}, "data.template",

@@ -4,7 +4,9 @@ Two paths, the same numbers to float32 rounding:
 - hidden states (loss.fused_linear, the default where the models allow it): both models return
   their final hidden states, caught by a hook while the LM computes the logits of the last
   position only; the loss reads them with the output embeddings (FusedLinearKDLoss);
-- logits: both models return full logits (LogitsKDLoss).
+- logits: both models return full logits (LogitsKDLoss);
+- no teacher (teacher.path=none, `distillm sft`): the student's logits alone
+  (ResponseCrossEntropyLoss).
 
 `make_kd_path` picks the path and pairs it with its loss. The student is always called through
 its training forward (the DDP wrapper, when there is one), so that its gradients are
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import LossConfig
-from .kd_loss import FusedLinearKDLoss, LogitsKDLoss, TeacherHiddenStates, TeacherLogits
+from .kd_loss import FusedLinearKDLoss, LogitsKDLoss, ResponseCrossEntropyLoss, TeacherHiddenStates, TeacherLogits
 from .models import causal_lm
 
 log = logging.getLogger(__name__)
@@ -148,10 +150,23 @@ class LogitsForwards:
             return {"student_logits": self.student_forward(**_training_inputs(batch)).logits[:, :-1]}
 
 
-def make_kd_path(config: LossConfig, student: nn.Module, student_forward: Callable, teacher: nn.Module,
+class StudentOnlyForwards(LogitsForwards):
+    """The student's logits, and no teacher signal."""
+
+    def __init__(self, student_forward: Callable, autocast: Callable = contextlib.nullcontext):
+        super().__init__(student_forward, None, autocast)
+
+    def teacher_signal(self, batch: dict) -> None:
+        return None
+
+
+def make_kd_path(config: LossConfig, student: nn.Module, student_forward: Callable, teacher: Optional[nn.Module],
                  vocab_size: int, autocast: Callable = contextlib.nullcontext, bf16: bool = False):
     """(forwards, loss): hidden states and FusedLinearKDLoss when loss.fused_linear is set and
-    both models allow it (else a warning says why not), logits and LogitsKDLoss otherwise."""
+    both models allow it (else a warning says why not), logits and LogitsKDLoss otherwise; the
+    student alone and ResponseCrossEntropyLoss without a teacher."""
+    if teacher is None:
+        return StudentOnlyForwards(student_forward, autocast), ResponseCrossEntropyLoss(vocab_size)
     if config.fused_linear:
         for role, model in (("student", student), ("teacher", teacher)):
             reason = fused_linear_unsupported(model)

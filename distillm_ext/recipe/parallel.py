@@ -45,9 +45,9 @@ class CheckpointState:
 
 
 class ParallelPlan(Protocol):
-    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
-        """Places (and wraps or shards) both models, in place; returns what the student's
-        training forwards go through."""
+    def wrap(self, student: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
+        """Places (and wraps or shards) both models (the teacher may be None), in place; returns
+        what the student's training forwards go through."""
 
     def accumulating(self) -> contextlib.AbstractContextManager:
         """Around a micro-batch before a step's last: its gradients are not synchronized yet."""
@@ -73,9 +73,10 @@ class Replicated:
         self.student: Optional[nn.Module] = None
         self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
 
-    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+    def wrap(self, student: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
         device = self.runtime.device
-        teacher.to(device)
+        if teacher is not None:
+            teacher.to(device)
         self.student = student.to(device)
         if not self.runtime.distributed:
             return student
@@ -110,14 +111,15 @@ class Sharded:
         self.student: Optional[nn.Module] = None
         self.teacher: Optional[nn.Module] = None
 
-    def wrap(self, student: nn.Module, teacher: nn.Module) -> nn.Module:
+    def wrap(self, student: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         device = self.runtime.device
-        self.teacher = shard(teacher.to(device), device, frozen=True)
+        if teacher is not None:
+            self.teacher = shard(teacher.to(device), device, frozen=True)
+            register_fsdp_forward_method(teacher, "generate")  # generation runs outside forward()
         self.student = shard(student.to(device), device, frozen=False, bf16=self.bf16)
-        for model in (student, teacher):  # generation runs outside forward()
-            register_fsdp_forward_method(model, "generate")
+        register_fsdp_forward_method(student, "generate")
         return student
 
     @contextlib.contextmanager
@@ -129,7 +131,8 @@ class Sharded:
             self.student.set_requires_gradient_sync(True)
 
     def after_micro_batch(self) -> None:
-        self.teacher.reshard()  # the loss has read the teacher root's output embedding
+        if self.teacher is not None:
+            self.teacher.reshard()  # the loss has read the teacher root's output embedding
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # A DTensor: the norm over every rank's shards, which full_tensor() all-reduces.

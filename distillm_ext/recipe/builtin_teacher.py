@@ -78,7 +78,7 @@ TUNED_NAME = f"{BUILTIN_TEACHER_NAME}-wordnet-sft"
 # `distillm sft` of the instruct model on the built-in training split. Changing it changes the
 # default teacher: give TUNED_NAME a new suffix with it, so that no cache holds a stale one.
 TUNING_RECIPE = [
-    "student.path=builtin-untuned", "train.max_steps=90", "train.batch_size=8", "train.lr=1e-4",
+    "student.path=builtin-untuned", "train.max_steps=170", "train.batch_size=8", "train.lr=1e-4",
     "train.warmup_steps=5", "train.schedule=cosine", "train.seed=1234", "eval.num_examples=16",
     "eval.max_new_tokens=16", "output.checkpoint_interval=0", "output.keep_checkpoints=1", "output.plots=false",
 ]

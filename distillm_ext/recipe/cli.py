@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .config import SFT_SETTINGS, ConfigError, describe, load_config
+from .config import NO_TEACHER, SFT_SETTINGS, ConfigError, describe, load_config
 from .distributed import shutdown
 
 EXAMPLES = """\
@@ -133,7 +133,17 @@ def results_table(summary: dict) -> str:
     for name, result in rows:
         if result:
             lines.append(f"{name:<16} {result['val_loss']:>9.4f} {result['rougeL']:>8.2f}")
+    teacher, before, after = (result for _, result in rows)
+    if teacher:
+        shares = [f"{gap_recovered(teacher[key], before[key], after[key]):.0%}" for key in ("val_loss", "rougeL")]
+        lines.append(f"{'gap recovered':<16} {shares[0]:>9} {shares[1]:>8}")
     return "\n".join(lines)
+
+
+def gap_recovered(teacher: float, before: float, after: float) -> float:
+    """The share of the teacher's lead that training recovered: (after - before) / (teacher -
+    before); 1 is the teacher's score, 0 no change, and a share above 1 passes the teacher."""
+    return (after - before) / (teacher - before) if teacher != before else float("nan")
 
 
 def missing_train_requirements() -> list:
@@ -179,6 +189,9 @@ def main(argv=None) -> int:
 
             settings = SFT_SETTINGS if args.command == "sft" else []
             config = load_config(args.config, settings + args.overrides)  # the user may not contradict them
+            if settings and config.teacher.path != NO_TEACHER:
+                raise ConfigError(f"distillm sft trains without a teacher: config key 'teacher.path' must be "
+                                  f"{NO_TEACHER}, got {config.teacher.path!r}")
             try:
                 summary = Trainer(config, resume=args.resume, overwrite=args.overwrite).fit()
             except NonFiniteError as error:

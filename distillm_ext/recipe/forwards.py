@@ -5,7 +5,7 @@ Two paths, the same numbers to float32 rounding:
   their final hidden states, caught by a hook while the LM computes the logits of the last
   position only; the loss reads them with the output embeddings (FusedLinearKDLoss);
 - logits: both models return full logits (LogitsKDLoss);
-- no teacher (teacher.path=none, `distillm sft`): the student's logits alone
+- no teacher (teacher.path=none, `distillm sft`): the student's hidden states alone
   (ResponseCrossEntropyLoss).
 
 `make_kd_path` picks the path and pairs it with its loss. The student is always called through
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import LossConfig
+from .config import ConfigError, LossConfig
 from .kd_loss import FusedLinearKDLoss, LogitsKDLoss, ResponseCrossEntropyLoss, TeacherHiddenStates, TeacherLogits
 from .models import causal_lm
 
@@ -103,10 +103,11 @@ class HiddenStateForwards:
 
     fused_linear = True
 
-    def __init__(self, student: nn.Module, student_forward: Callable, teacher: nn.Module,
+    def __init__(self, student: nn.Module, student_forward: Callable, teacher: Optional[nn.Module],
                  autocast: Callable = contextlib.nullcontext, bf16: bool = False):
         self.student_forward, self.teacher, self.autocast, self.bf16 = student_forward, teacher, autocast, bf16
-        self.student_states, self.teacher_states = FinalHiddenStates(student), FinalHiddenStates(teacher)
+        self.student_states = FinalHiddenStates(student)
+        self.teacher_states = FinalHiddenStates(teacher) if teacher is not None else None
         self._checked = {"student": False, "teacher": False}
 
     def _states(self, states: FinalHiddenStates, forward: Callable, batch: dict, role: str) -> torch.Tensor:
@@ -117,7 +118,9 @@ class HiddenStateForwards:
             self._checked[role] = True
         return hidden[:, :-1]
 
-    def teacher_signal(self, batch: dict) -> TeacherHiddenStates:
+    def teacher_signal(self, batch: dict) -> Optional[TeacherHiddenStates]:
+        if self.teacher is None:
+            return None
         with torch.no_grad():
             hidden = self._states(self.teacher_states, self.teacher, batch, "teacher")
         head = self.teacher_states.head
@@ -150,23 +153,17 @@ class LogitsForwards:
             return {"student_logits": self.student_forward(**_training_inputs(batch)).logits[:, :-1]}
 
 
-class StudentOnlyForwards(LogitsForwards):
-    """The student's logits, and no teacher signal."""
-
-    def __init__(self, student_forward: Callable, autocast: Callable = contextlib.nullcontext):
-        super().__init__(student_forward, None, autocast)
-
-    def teacher_signal(self, batch: dict) -> None:
-        return None
-
-
 def make_kd_path(config: LossConfig, student: nn.Module, student_forward: Callable, teacher: Optional[nn.Module],
                  vocab_size: int, autocast: Callable = contextlib.nullcontext, bf16: bool = False):
     """(forwards, loss): hidden states and FusedLinearKDLoss when loss.fused_linear is set and
     both models allow it (else a warning says why not), logits and LogitsKDLoss otherwise; the
     student alone and ResponseCrossEntropyLoss without a teacher."""
     if teacher is None:
-        return StudentOnlyForwards(student_forward, autocast), ResponseCrossEntropyLoss(vocab_size)
+        reason = fused_linear_unsupported(student)
+        if reason is not None:
+            raise ConfigError(f"training without a teacher reads the student's final hidden states, and the "
+                              f"student cannot provide them: {reason}")
+        return HiddenStateForwards(student, student_forward, None, autocast, bf16), ResponseCrossEntropyLoss()
     if config.fused_linear:
         for role, model in (("student", student), ("teacher", teacher)):
             reason = fused_linear_unsupported(model)

@@ -92,16 +92,16 @@ class LogitsKDLoss(nn.Module):
 
 
 class ResponseCrossEntropyLoss(nn.Module):
-    """Supervised fine-tuning, with no teacher: cross-entropy of the student's logits (its first
-    `vocab_size` rows) on the targets; `kd` is 0."""
+    """Supervised fine-tuning, with no teacher: cross-entropy on the targets, from the student's
+    final hidden states and output embedding at the target positions only (prompt and padding
+    cost no output-layer FLOPs); float32 logits. `kd` is 0."""
 
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def forward(self, student_logits: torch.Tensor, teacher: None, targets: torch.Tensor,
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                student_bias: Optional[torch.Tensor], teacher: None, targets: torch.Tensor,
                 num_items: Denominator = 1.0):
-        """student_logits: (B, T, V_s); targets: (B, T) int64, -100 where no loss is taken."""
-        logits = student_logits[..., :self.vocab_size].flatten(0, 1).float()
-        ce = nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        """student_hidden: (B, T, H); student_weight: (V, H); targets: (B, T) int64, -100 where no
+        loss is taken."""
+        kept = targets != IGNORE_INDEX
+        logits = nn.functional.linear(student_hidden[kept].to(student_weight.dtype), student_weight, student_bias)
+        ce = nn.functional.cross_entropy(logits.float(), targets[kept], reduction="sum")
         return ce / num_items, torch.zeros((), device=ce.device), ce.detach()

@@ -16,7 +16,7 @@ from test_trainer import train_records
 
 
 def sft_overrides(tiny, run, **extra):
-    return overrides(tiny, run, student__path=tiny["student"], **extra)
+    return overrides(tiny, run, **{"student__path": tiny["student"], "teacher__path": "none", **extra})
 
 
 def test_sft_trains_the_student_on_the_responses_without_a_teacher(tiny, tmp_path, capsys):
@@ -31,6 +31,11 @@ def test_sft_trains_the_student_on_the_responses_without_a_teacher(tiny, tmp_pat
     assert all(r["kd_loss"] == 0.0 and r["loss"] == r["ce_loss"] > 0 for r in records)
     config = json.loads((run / "config.json").read_text())
     assert config["teacher"]["path"] == "none" and config["loss"]["kd_ratio"] == 0.0
+
+
+def test_sft_refuses_a_teacher(tiny, tmp_path, capsys):
+    assert main(["sft", *sft_overrides(tiny, tmp_path / "run", teacher__path=tiny["teacher"])]) == 2
+    assert "distillm sft trains without a teacher: config key 'teacher.path' must be none" in capsys.readouterr().err
 
 
 def test_sft_builds_no_teacher(tiny, tmp_path):
@@ -49,7 +54,7 @@ def test_a_run_without_a_teacher_needs_cross_entropy_alone(tiny, tmp_path, setti
 
 def test_the_builtin_student_needs_a_teacher(tiny, tmp_path):
     with pytest.raises(ConfigError, match='student.path "builtin" is the teacher with fewer layers'):
-        Trainer(load_config(None, overrides(tiny, tmp_path / "run", student__path="builtin") + SFT_SETTINGS))
+        Trainer(load_config(None, sft_overrides(tiny, tmp_path / "run", student__path="builtin") + SFT_SETTINGS))
 
 
 @pytest.fixture

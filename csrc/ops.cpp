@@ -21,6 +21,21 @@ TORCH_LIBRARY(distillm, m) {
       "float alpha, bool reverse, float temperature, int ignore_index, bool compute_grad, "
       "float grad_scale=1.0, Tensor? grad_divisor=None) -> (Tensor row_loss, Tensor grad)");
 
+  // skew_kl with the teacher known only at K distinct ids per position (an offline top-k cache),
+  // as log-probabilities at temperature T: the loss on the K ids plus one tail class holding the
+  // rest of each distribution's mass (csrc/topk/topk_math.h), exact for K = V.
+  m.def(
+      "skew_kl_topk(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, "
+      "Tensor? labels=None, *, float alpha=0.1, bool reverse=False, float temperature=1.0, "
+      "int ignore_index=-100, str reduction=\"mean\", Tensor? num_items=None) -> Tensor");
+  // Its building block, for any loss type (fkl, rkl, skl, sfkl, srkl, jsd, tvd), as
+  // _skew_kl_forward is skew_kl's.
+  m.def(
+      "_kd_topk_forward(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, "
+      "Tensor? labels, str loss, float alpha, float beta, float temperature, int ignore_index, "
+      "bool compute_grad, float grad_scale=1.0, Tensor? grad_divisor=None) "
+      "-> (Tensor row_loss, Tensor grad)");
+
   // The same losses from the final hidden states and the output embeddings (vocabulary rows
   // 0..min(Vs, Vt)-1), a chunk of positions at a time, never building [positions, V] logits.
   // Positions labelled ignore_index are skipped before any GEMM. Differentiable with respect to

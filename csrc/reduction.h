@@ -60,4 +60,51 @@ inline at::Tensor reduce(const at::Tensor& row_loss, const at::Tensor& count, Re
   TORCH_CHECK(false, "unknown reduction code ", static_cast<int64_t>(reduction));
 }
 
+// num_items as a 0-dim float32 tensor on the logits' device.
+inline at::Tensor as_count(const at::Tensor& num_items, const at::Tensor& logits) {
+  const at::Tensor on_device = num_items.device() == logits.device() ? num_items : num_items.to(logits.device());
+  // A copy: an op below autograd must not hand its own input back (opcheck's schema test).
+  return on_device.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).reshape({});
+}
+
+// "mean"'s denominator: num_items if given, else the valid positions (at least 1). A number
+// where the host knows it for free (a plain CPU tensor; the rows of real logits without
+// labels), which the kernel multiplies in; else a device scalar the kernel reads (no sync).
+struct MeanDenominator {
+  at::Tensor count;  // 0-dim float32 on the logits' device: the loss is divided by it
+  double grad_scale = 1.0;
+  std::optional<at::Tensor> grad_divisor;
+};
+
+inline MeanDenominator mean_denominator(const at::Tensor& student, const std::optional<at::Tensor>& labels,
+                                            int64_t ignore_index, const std::optional<at::Tensor>& num_items) {
+  MeanDenominator d;
+  if (num_items) {
+    d.count = as_count(*num_items, student);
+  } else if (labels ? holds_host_data(*labels) : !at::isTensorSubclassLike(student)) {
+    const double n = host_valid_count(leading_positions(student), labels, ignore_index);
+    d.count = at::scalar_tensor(n, student.options().dtype(at::kFloat));
+    d.grad_scale = 1.0 / n;
+    return d;
+  } else {
+    d.count = valid_count(student.select(-1, 0), labels, ignore_index);
+  }
+  if (holds_host_data(d.count)) {
+    d.grad_scale = 1.0 / d.count.item<double>();
+  } else {
+    d.grad_divisor = d.count;
+  }
+  return d;
+}
+
+inline void check_num_items(const char* op, const std::optional<at::Tensor>& num_items, Reduction reduction) {
+  if (!num_items) return;
+  TORCH_CHECK_VALUE(reduction == Reduction::kMean, op, ": num_items is the denominator of "
+                    "reduction='mean'; it cannot be used with another reduction");
+  TORCH_CHECK_VALUE(num_items->sym_numel() == 1 && num_items->scalar_type() != at::kBool &&
+                        !at::isComplexType(num_items->scalar_type()),
+                    op, ": num_items must be one real number, got ", num_items->scalar_type(),
+                    " of shape ", num_items->sym_sizes());
+}
+
 }  // namespace distillm

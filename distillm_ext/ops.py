@@ -58,6 +58,44 @@ def skew_kl(
         temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
 
 
+def skew_kl_topk(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    alpha: float = 0.1,
+    reverse: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Optional[Union[torch.Tensor, float]] = None,
+) -> torch.Tensor:
+    """skew_kl with a sparse teacher: known only at K ids per position (an offline top-k cache).
+
+    Both distributions are coarsened to K + 1 classes, the K kept ids and one tail holding the
+    rest of each one's mass (the teacher's tail is max(0, 1 - sum of its K probabilities)), and
+    the skew KL is taken between those. By the data-processing inequality it is a lower bound of
+    the dense loss; with K = V and exact log-probabilities it equals skew_kl.
+    reference.topk_kd_reference is the definition.
+
+    Args:
+        student_logits: (..., V) float32/float16/bfloat16, the last dimension contiguous. Gets
+            the gradient.
+        teacher_ids: (..., K) int32/int64, distinct within each position, in [0, V).
+        teacher_logprobs: (..., K) float32/float16/bfloat16: the teacher's log-probabilities at
+            temperature `temperature` at those ids (log_softmax(teacher / T) gathered).
+        labels, alpha, reverse, temperature, ignore_index, reduction, num_items: as for skew_kl.
+
+    The ids are checked (range and distinctness): on CUDA that reads them, one host sync.
+    """
+    if num_items is not None and not isinstance(num_items, torch.Tensor):
+        num_items = torch.tensor(float(num_items))
+    return torch.ops.distillm.skew_kl_topk(
+        student_logits, teacher_ids, teacher_logprobs, labels, alpha=alpha, reverse=reverse,
+        temperature=temperature, ignore_index=ignore_index, reduction=reduction, num_items=num_items)
+
+
 def fused_linear_skew_kl(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

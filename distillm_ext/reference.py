@@ -56,9 +56,15 @@ def skew_kl_reference(
     dtype = compute_dtype or _default_compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return _reduce(_skew_terms(log_q, log_p, alpha, reverse).sum(-1), labels, ignore_index, reduction)
+
+
+def _skew_terms(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, reverse: bool) -> torch.Tensor:
+    """f (log f - log(alpha f + (1 - alpha) s)) per entry, f = p (SKL) or q (SRKL); entries where
+    either log-probability is -inf, or f underflows, are dropped (0)."""
     log_first, log_second = (log_q, log_p) if reverse else (log_p, log_q)
     first = log_first.exp()
-    dropped = torch.isneginf(student_logits) | torch.isneginf(teacher_logits) | (first == 0)
+    dropped = torch.isneginf(log_q) | torch.isneginf(log_p) | (first == 0)
     # Dropped entries are replaced before the logs meet, so no inf - inf reaches a gradient.
     log_first = torch.where(dropped, torch.zeros_like(log_first), log_first)
     log_second = torch.where(dropped, torch.zeros_like(log_second), log_second)
@@ -66,8 +72,23 @@ def skew_kl_reference(
         log_mix = log_second
     else:
         log_mix = torch.logaddexp(log_first + math.log(alpha), log_second + math.log1p(-alpha))
-    terms = torch.where(dropped, torch.zeros_like(first), first * (log_first - log_mix))
-    return _reduce(terms.sum(-1), labels, ignore_index, reduction)
+    return torch.where(dropped, torch.zeros_like(first), first * (log_first - log_mix))
+
+
+def _tvd_terms(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    dropped = torch.isneginf(log_q) | torch.isneginf(log_p)
+    return torch.where(dropped, torch.zeros_like(log_q), 0.5 * (log_p.exp() - log_q.exp()).abs())
+
+
+def _divergence_terms(log_q, log_p, loss: str, alpha: float, beta: float) -> torch.Tensor:
+    """Per-entry terms of a loss type (make_loss's names) between two sets of log-probabilities."""
+    if loss in ("fkl", "rkl", "skl", "sfkl", "srkl"):
+        return _skew_terms(log_q, log_p, alpha if loss in ("skl", "sfkl", "srkl") else 0.0, loss in ("rkl", "srkl"))
+    if loss == "jsd":
+        return beta * _skew_terms(log_q, log_p, beta, False) + (1 - beta) * _skew_terms(log_q, log_p, 1 - beta, True)
+    if loss == "tvd":
+        return _tvd_terms(log_q, log_p)
+    raise ValueError(f"unknown loss {loss!r}")
 
 
 def jsd_reference(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0,
@@ -123,3 +144,33 @@ def fused_linear_kd_reference(student_hidden, student_weight, teacher_hidden, te
     ce = _reduce(ce_rows, labels, ignore_index, reduction)
     mixed = ce if kd_ratio == 0.0 else kd_ratio * kd + (1 - kd_ratio) * ce
     return mixed, kd.detach(), ce.detach()
+
+
+def topk_kd_reference(student_logits, teacher_ids, teacher_logprobs, labels=None, *, loss="skl", alpha=0.1,
+                      beta=0.5, temperature=1.0, ignore_index=-100, reduction="mean"):
+    """The definition of the sparse-teacher losses (distillm_ext.skew_kl_topk and the top-k
+    fused-linear loss). The teacher is known at K distinct ids per position, as
+    log-probabilities at temperature T. Both distributions are coarsened to K + 1 classes, the
+    kept ids and the tail:
+        p̄ = (p_i1 .. p_iK, max(0, 1 - sum_k p_ik)),   q̄ = (q_i1 .. q_iK, 1 - sum_k q_ik),
+    q = softmax(student / T), and the loss type is applied to (p̄, q̄) as to two distributions
+    over K + 1 entries. q's tail is summed over the ids outside the top-k themselves, so that
+    it keeps its digits when it is tiny. Computed in the student's dtype promoted to at least
+    float32 (pass float64 for a reference)."""
+    dtype = _default_compute_dtype(student_logits, teacher_logprobs)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    ids = teacher_ids.long()
+    kept = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, ids, True)
+    log_q_tail = torch.logsumexp(log_q.masked_fill(kept, -math.inf), dim=-1, keepdim=True)
+    log_p = teacher_logprobs.to(dtype)
+    p_tail = (1 - log_p.exp().sum(-1, keepdim=True)).clamp_min(0)
+    coarse_q = torch.cat([log_q.gather(-1, ids), log_q_tail], dim=-1)
+    coarse_p = torch.cat([log_p, p_tail.log()], dim=-1)
+    return _reduce(_divergence_terms(coarse_q, coarse_p, loss, alpha, beta).sum(-1), labels, ignore_index, reduction)
+
+
+def skew_kl_topk_reference(student_logits, teacher_ids, teacher_logprobs, labels=None, *, alpha=0.1, reverse=False,
+                           temperature=1.0, ignore_index=-100, reduction="mean"):
+    """distillm_ext.skew_kl_topk the straightforward way (topk_kd_reference, skl or srkl)."""
+    return topk_kd_reference(student_logits, teacher_ids, teacher_logprobs, labels, loss="srkl" if reverse else "skl",
+                             alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction)

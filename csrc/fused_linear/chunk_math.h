@@ -25,7 +25,8 @@ struct LossSpec {
   double temperature = 1.0;
 };
 
-inline LossSpec parse_loss(c10::string_view name, double alpha, double beta, double temperature) {
+inline LossSpec parse_loss(c10::string_view name, double alpha, double beta, double temperature,
+                           const char* op = "fused_linear_kd") {
   LossSpec spec;
   spec.beta = beta;
   spec.temperature = temperature;
@@ -39,7 +40,7 @@ inline LossSpec parse_loss(c10::string_view name, double alpha, double beta, dou
   } else if (name == "tvd") {
     spec.divergence = Divergence::kTVD;
   } else {
-    TORCH_CHECK_VALUE(false, "fused_linear_kd: unknown loss '", std::string(name),
+    TORCH_CHECK_VALUE(false, op, ": unknown loss '", std::string(name),
                       "'; choose one of fkl, rkl, skl, sfkl, srkl, jsd, tvd");
   }
   return spec;

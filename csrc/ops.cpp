@@ -64,6 +64,21 @@ TORCH_LIBRARY(distillm, m) {
       "int ignore_index, int chunk_size, bool[3] grad_mask, float grad_scale, Tensor? row_scale) "
       "-> (Tensor kd_rows, Tensor ce_rows, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
+  // fused_linear_kd with a sparse teacher (skew_kl_topk's): the student's hidden states and output
+  // embedding against the teacher's top-k ids and log-probabilities at each position.
+  m.def(
+      "fused_linear_kd_topk(Tensor student_hidden, Tensor student_weight, Tensor teacher_ids, "
+      "Tensor teacher_logprobs, Tensor? labels=None, Tensor? student_bias=None, *, str loss=\"skl\", "
+      "float alpha=0.1, float beta=0.5, float temperature=1.0, float kd_ratio=1.0, "
+      "int ignore_index=-100, str reduction=\"mean\", int chunk_size=0) "
+      "-> (Tensor loss, Tensor kd, Tensor ce)");
+  m.def(
+      "_fused_linear_kd_topk_forward(Tensor student_hidden, Tensor student_weight, "
+      "Tensor teacher_ids, Tensor teacher_logprobs, Tensor? labels, Tensor? student_bias, str loss, "
+      "float alpha, float beta, float temperature, float kd_ratio, int ignore_index, int chunk_size, "
+      "bool[3] grad_mask, float grad_scale, Tensor? row_scale) "
+      "-> (Tensor kd_rows, Tensor ce_rows, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   // Replay buffer of student-generated sequences (csrc/replay/replay_math.h has the layout).
   // No keyword-only arguments: they cost microseconds per call to parse, the ops' whole budget.
   // Writes a batch of right-padded sequences into the FIFO ring, evicting the oldest entries.

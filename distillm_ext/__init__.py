@@ -2,10 +2,11 @@
 
 from ._load import build_info
 from .losses import LOSSES, make_loss
-from .ops import fused_linear_kd, fused_linear_skew_kl, release_cached_gradients, skew_kl, skew_kl_topk
+from .ops import (fused_linear_kd, fused_linear_kd_topk, fused_linear_skew_kl, release_cached_gradients, skew_kl,
+                  skew_kl_topk)
 from .replay import ReplayBuffer
 from .schedule import AdaptiveSGOScheduler
 
 __all__ = ["LOSSES", "AdaptiveSGOScheduler", "ReplayBuffer", "build_info", "fused_linear_kd",
-           "fused_linear_skew_kl", "make_loss", "release_cached_gradients", "skew_kl",
-           "skew_kl_topk"]
+           "fused_linear_kd_topk", "fused_linear_skew_kl", "make_loss", "release_cached_gradients",
+           "skew_kl", "skew_kl_topk"]

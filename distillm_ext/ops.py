@@ -168,6 +168,36 @@ def fused_linear_kd(
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
 
 
+def fused_linear_kd_topk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    *,
+    loss: str = "skl",
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_linear_kd with a sparse teacher, as skew_kl_topk has one: any loss type between the
+    student's logits `hidden @ weight.T (+ bias)`, never built for more than a chunk of
+    positions, and the teacher's (..., K) top-k ids and log-probabilities at temperature T (an
+    offline cache: no teacher model is needed). The vocabulary is the student's (Vs rows).
+
+    Returns (kd_ratio * KD + (1 - kd_ratio) * CE, KD, CE) as fused_linear_kd does.
+    """
+    return torch.ops.distillm.fused_linear_kd_topk(
+        student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, student_bias, loss=loss,
+        alpha=alpha, beta=beta, temperature=temperature, kd_ratio=kd_ratio, ignore_index=ignore_index,
+        reduction=reduction, chunk_size=chunk_size)
+
+
 def release_cached_gradients() -> int:
     """Frees the memory skew_kl keeps for reuse, and returns how many bytes that was.
 

@@ -137,6 +137,11 @@ def fused_linear_kd_reference(student_hidden, student_weight, teacher_hidden, te
         kd = tvd_reference(z, u, labels, **common)
     else:
         raise ValueError(f"unknown loss {loss!r}")
+    return _mix_with_cross_entropy(kd, z, labels, kd_ratio, ignore_index, reduction)
+
+
+def _mix_with_cross_entropy(kd, z, labels, kd_ratio, ignore_index, reduction):
+    """(kd_ratio * kd + (1 - kd_ratio) * CE(z, labels), kd, CE), as the fused-linear ops return."""
     if kd_ratio == 1.0:
         return kd, kd.detach(), torch.zeros_like(kd)
     targets = labels.masked_fill(labels == ignore_index, 0)
@@ -174,3 +179,17 @@ def skew_kl_topk_reference(student_logits, teacher_ids, teacher_logprobs, labels
     """distillm_ext.skew_kl_topk the straightforward way (topk_kd_reference, skl or srkl)."""
     return topk_kd_reference(student_logits, teacher_ids, teacher_logprobs, labels, loss="srkl" if reverse else "skl",
                              alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+
+
+def fused_linear_kd_topk_reference(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None,
+                                   student_bias=None, *, loss="skl", alpha=0.1, beta=0.5, temperature=1.0,
+                                   kd_ratio=1.0, ignore_index=-100, reduction="mean", chunk_size=0):
+    """distillm_ext.fused_linear_kd_topk the straightforward way: the student's logits over its
+    whole vocabulary, then topk_kd_reference and cross-entropy. Returns (loss, kd, ce)."""
+    dtype = _default_compute_dtype(student_hidden)
+    z = student_hidden.to(dtype) @ student_weight.to(dtype).T
+    if student_bias is not None:
+        z = z + student_bias.to(dtype)
+    kd = topk_kd_reference(z, teacher_ids, teacher_logprobs, labels, loss=loss, alpha=alpha, beta=beta,
+                           temperature=temperature, ignore_index=ignore_index, reduction=reduction)
+    return _mix_with_cross_entropy(kd, z, labels, kd_ratio, ignore_index, reduction)

@@ -40,4 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd(
     double alpha = 0.1, double beta = 0.5, double temperature = 1.0, double kd_ratio = 1.0,
     int64_t ignore_index = -100, c10::string_view reduction = "mean", int64_t chunk_size = 0);
 
+// fused_linear_kd with a sparse teacher: (..., K) top-k ids and log-probabilities at
+// temperature T per position, as for skew_kl_topk, instead of the teacher's hidden states.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_topk(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_ids,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels = std::nullopt,
+    const std::optional<at::Tensor>& student_bias = std::nullopt, c10::string_view loss = "skl",
+    double alpha = 0.1, double beta = 0.5, double temperature = 1.0, double kd_ratio = 1.0,
+    int64_t ignore_index = -100, c10::string_view reduction = "mean", int64_t chunk_size = 0);
+
 }  // namespace distillm

@@ -1,5 +1,6 @@
-// distillm::fused_linear_kd and fused_linear_skew_kl on top of _fused_linear_kd_forward: the
-// reductions, the autograd kernel and the C++ entry points.
+// distillm::fused_linear_kd, fused_linear_skew_kl and fused_linear_kd_topk on top of
+// _fused_linear_kd_forward / _fused_linear_kd_topk_forward: the reductions, the autograd kernel
+// and the C++ entry points.
 //
 // For "mean" and "sum" the forward computes the student's gradients in the same chunk loop as
 // the loss (each chunk's logits exist once), so the backward only scales three small tensors
@@ -53,24 +54,40 @@ struct LossArgs {
   }
 };
 
+// The teacher's side of a fused-linear loss: dense (its hidden states, output embedding and
+// bias) or sparse (top-k ids and log-probabilities). Constants: never differentiated.
+struct Teacher {
+  bool sparse;
+  at::Tensor first, second;  // hidden and weight, or ids and log-probabilities
+  std::optional<at::Tensor> bias;
+};
+
 ForwardOutputs fused_forward(const at::Tensor& student_hidden, const at::Tensor& student_weight,
-                             const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
-                             const std::optional<at::Tensor>& labels,
-                             const std::optional<at::Tensor>& student_bias,
-                             const std::optional<at::Tensor>& teacher_bias, const LossArgs& args,
+                             const Teacher& teacher, const std::optional<at::Tensor>& labels,
+                             const std::optional<at::Tensor>& student_bias, const LossArgs& args,
                              std::array<bool, 3> grad_mask, double grad_scale,
                              const std::optional<at::Tensor>& row_scale) {
+  using Optional = const std::optional<at::Tensor>&;
+  if (teacher.sparse) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("distillm::_fused_linear_kd_topk_forward", "")
+            .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  Optional, Optional, c10::string_view, double, double, double, double, int64_t,
+                                  int64_t, std::array<bool, 3>, double, Optional)>();
+    return op.call(student_hidden, student_weight, teacher.first, teacher.second, labels, student_bias, args.loss,
+                   args.alpha, args.beta, args.temperature, args.kd_ratio, args.ignore_index, args.chunk_size,
+                   grad_mask, grad_scale, row_scale);
+  }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("distillm::_fused_linear_kd_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                c10::string_view, double, double, double, double, int64_t, int64_t,
-                                std::array<bool, 3>, double, const std::optional<at::Tensor>&)>();
-  return op.call(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                 teacher_bias, args.loss, args.alpha, args.beta, args.temperature, args.kd_ratio,
-                 args.ignore_index, args.chunk_size, grad_mask, grad_scale, row_scale);
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                Optional, Optional, Optional, c10::string_view, double, double, double, double,
+                                int64_t, int64_t, std::array<bool, 3>, double, Optional)>();
+  return op.call(student_hidden, student_weight, teacher.first, teacher.second, labels, student_bias, teacher.bias,
+                 args.loss, args.alpha, args.beta, args.temperature, args.kd_ratio, args.ignore_index,
+                 args.chunk_size, grad_mask, grad_scale, row_scale);
 }
 
 // kd_ratio * kd + (1 - kd_ratio) * ce, without 0 * inf where a part is unused. Always a new
@@ -101,11 +118,9 @@ bool can_read_values(const at::Tensor& hidden, const std::optional<at::Tensor>& 
 class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student_hidden,
-                               const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
-                               const at::Tensor& teacher_weight, const std::optional<at::Tensor>& labels,
-                               const std::optional<at::Tensor>& student_bias,
-                               const std::optional<at::Tensor>& teacher_bias, const LossArgs& args,
-                               Reduction reduction, std::array<bool, 3> grad_mask) {
+                               const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
+                               const Teacher& teacher, const std::optional<at::Tensor>& labels,
+                               const LossArgs& args, Reduction reduction, std::array<bool, 3> grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool any_grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
     const bool grad_now = any_grad && reduction != Reduction::kNone;
@@ -113,8 +128,8 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
     const double grad_scale =
         mean_in_loop ? 1.0 / host_valid_count(leading_positions(student_hidden), labels, args.ignore_index) : 1.0;
     auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
-        fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                      teacher_bias, args, grad_now ? grad_mask : std::array<bool, 3>{}, grad_scale, std::nullopt);
+        fused_forward(student_hidden, student_weight, teacher, labels, student_bias, args,
+                      grad_now ? grad_mask : std::array<bool, 3>{}, grad_scale, std::nullopt);
     const at::Tensor count = count_for(reduction, kd_rows, labels, args);
     auto [loss, kd, ce] = reduce_all(kd_rows, ce_rows, count, args, reduction);
     ctx->mark_non_differentiable({kd, ce});
@@ -124,9 +139,10 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
       // What the backward still has to divide by: the count, unless the loop did.
       ctx->saved_data["count"] = mean_in_loop ? at::Tensor() : count;
     } else if (any_grad) {  // "none": the backward runs the loop again, weighted per position
-      ctx->save_for_backward({student_hidden, student_weight, teacher_hidden, teacher_weight,
-                              labels.value_or(at::Tensor()), student_bias.value_or(at::Tensor()),
-                              teacher_bias.value_or(at::Tensor())});
+      ctx->save_for_backward({student_hidden, student_weight, student_bias.value_or(at::Tensor()),
+                              labels.value_or(at::Tensor()), teacher.first, teacher.second,
+                              teacher.bias.value_or(at::Tensor())});
+      ctx->saved_data["sparse_teacher"] = teacher.sparse;
       args.save(ctx);
       ctx->saved_data["grad_mask"] = std::vector<bool>(grad_mask.begin(), grad_mask.end());
     }
@@ -134,7 +150,7 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads(10);  // one per forward argument after ctx
+    variable_list grads(8);  // one per forward argument after ctx
     const at::Tensor& grad_output = grad_outputs[0];
     if (!grad_output.defined()) return grads;
     TORCH_CHECK(!at::GradMode::is_enabled(),
@@ -153,7 +169,7 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
       for (const int64_t i : {0, 1, 2}) {
         if (computed[i].sym_numel() == 0) continue;  // not asked for
         if (!identity) computed[i].mul_(scale);
-        grads[i == 2 ? 5 : i] = computed[i];
+        grads[i] = computed[i];  // hidden, weight, bias: the first three arguments
       }
       return grads;
     }
@@ -162,12 +178,13 @@ class FusedLinearKDFunction : public torch::autograd::Function<FusedLinearKDFunc
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const LossArgs args = LossArgs::load(ctx);
     const auto mask = ctx->saved_data["grad_mask"].toBoolList();
+    const Teacher teacher{ctx->saved_data["sparse_teacher"].toBool(), inputs[4], inputs[5], optional(inputs[6])};
     auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
-        fused_forward(inputs[0], inputs[1], inputs[2], inputs[3], optional(inputs[4]), optional(inputs[5]),
-                      optional(inputs[6]), args, {mask[0], mask[1], mask[2]}, 1.0, grad_output);
+        fused_forward(inputs[0], inputs[1], teacher, optional(inputs[3]), optional(inputs[2]), args,
+                      {mask[0], mask[1], mask[2]}, 1.0, grad_output);
     if (mask[0]) grads[0] = grad_hidden;
     if (mask[1]) grads[1] = grad_weight;
-    if (mask[2] && grad_bias.sym_numel() != 0) grads[5] = grad_bias;
+    if (mask[2] && grad_bias.sym_numel() != 0) grads[2] = grad_bias;
     return grads;
   }
 };
@@ -176,37 +193,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> as_tuple(const variable_list& out
   return {outputs[0], outputs[1], outputs[2]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_autograd(
-    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
-    const at::Tensor& teacher_weight, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias,
-    c10::string_view loss, double alpha, double beta, double temperature, double kd_ratio,
-    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_with_grad(
+    const char* op, const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const std::optional<at::Tensor>& student_bias, const Teacher& teacher, const std::optional<at::Tensor>& labels,
+    const LossArgs& args, c10::string_view reduction) {
   // Each gradient costs a GEMM per chunk (the weight's also a float32 accumulator): only those
   // that will be used.
   const bool grad_mode = at::GradMode::is_enabled();
   const std::array<bool, 3> grad_mask{
       grad_mode && student_hidden.requires_grad(), grad_mode && student_weight.requires_grad(),
       grad_mode && student_bias.has_value() && student_bias->requires_grad()};
-  const LossArgs args{std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size};
-  return as_tuple(FusedLinearKDFunction::apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                               labels, student_bias, teacher_bias, args,
-                                               parse_reduction("fused_linear_kd", reduction), grad_mask));
+  return as_tuple(FusedLinearKDFunction::apply(student_hidden, student_weight, student_bias, teacher, labels, args,
+                                               parse_reduction(op, reduction), grad_mask));
 }
 
 // Below autograd (inference mode, fake tensors, or after the autograd kernel): loss only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_without_grad(
+    const char* op, const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const std::optional<at::Tensor>& student_bias, const Teacher& teacher, const std::optional<at::Tensor>& labels,
+    const LossArgs& args, c10::string_view reduction) {
+  const Reduction r = parse_reduction(op, reduction);
+  auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
+      fused_forward(student_hidden, student_weight, teacher, labels, student_bias, args, {}, 1.0, std::nullopt);
+  return reduce_all(kd_rows, ce_rows, count_for(r, kd_rows, labels, args), args, r);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_autograd(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+    const at::Tensor& teacher_weight, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias,
+    c10::string_view loss, double alpha, double beta, double temperature, double kd_ratio,
+    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+  return loss_with_grad("fused_linear_kd", student_hidden, student_weight, student_bias,
+                        {false, teacher_hidden, teacher_weight, teacher_bias}, labels,
+                        {std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size}, reduction);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_no_grad(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
     const at::Tensor& teacher_weight, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& student_bias, const std::optional<at::Tensor>& teacher_bias,
     c10::string_view loss, double alpha, double beta, double temperature, double kd_ratio,
     int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
-  const Reduction r = parse_reduction("fused_linear_kd", reduction);
-  const LossArgs args{std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size};
-  auto [kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias] =
-      fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                    teacher_bias, args, {}, 1.0, std::nullopt);
-  return reduce_all(kd_rows, ce_rows, count_for(r, kd_rows, labels, args), args, r);
+  return loss_without_grad("fused_linear_kd", student_hidden, student_weight, student_bias,
+                           {false, teacher_hidden, teacher_weight, teacher_bias}, labels,
+                           {std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size},
+                           reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_topk_autograd(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_ids,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& student_bias, c10::string_view loss, double alpha, double beta,
+    double temperature, double kd_ratio, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+  return loss_with_grad("fused_linear_kd_topk", student_hidden, student_weight, student_bias,
+                        {true, teacher_ids, teacher_logprobs, std::nullopt}, labels,
+                        {std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size}, reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_topk_no_grad(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_ids,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& student_bias, c10::string_view loss, double alpha, double beta,
+    double temperature, double kd_ratio, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+  return loss_without_grad("fused_linear_kd_topk", student_hidden, student_weight, student_bias,
+                           {true, teacher_ids, teacher_logprobs, std::nullopt}, labels,
+                           {std::string(loss), alpha, beta, temperature, kd_ratio, ignore_index, chunk_size},
+                           reduction);
 }
 
 }  // namespace
@@ -229,6 +282,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd(
                  teacher_bias, loss, alpha, beta, temperature, kd_ratio, ignore_index, reduction, chunk_size);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_topk(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_ids,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& student_bias, c10::string_view loss, double alpha, double beta,
+    double temperature, double kd_ratio, int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("distillm::fused_linear_kd_topk", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view, double, double,
+              double, double, int64_t, c10::string_view, int64_t)>();
+  return op.call(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels, student_bias, loss, alpha, beta,
+                 temperature, kd_ratio, ignore_index, reduction, chunk_size);
+}
+
 // skew_kl's fused-linear form: fused_linear_kd with skl (srkl when reverse), no cross-entropy.
 at::Tensor fused_linear_skew_kl(const at::Tensor& student_hidden, const at::Tensor& student_weight,
                                 const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
@@ -243,9 +312,13 @@ at::Tensor fused_linear_skew_kl(const at::Tensor& student_hidden, const at::Tens
                                      chunk_size));
 }
 
-TORCH_LIBRARY_IMPL(distillm, Autograd, m) { m.impl("fused_linear_kd", &fused_linear_kd_autograd); }
+TORCH_LIBRARY_IMPL(distillm, Autograd, m) {
+  m.impl("fused_linear_kd", &fused_linear_kd_autograd);
+  m.impl("fused_linear_kd_topk", &fused_linear_kd_topk_autograd);
+}
 TORCH_LIBRARY_IMPL(distillm, CompositeExplicitAutograd, m) {
   m.impl("fused_linear_kd", &fused_linear_kd_no_grad);
+  m.impl("fused_linear_kd_topk", &fused_linear_kd_topk_no_grad);
 }
 TORCH_LIBRARY_IMPL(distillm, CompositeImplicitAutograd, m) {
   m.impl("fused_linear_skew_kl", &fused_linear_skew_kl);

@@ -19,7 +19,7 @@ TESTS = Path(__file__).parent
 # The tests of the ops' numbers: values, gradients, edge cases, properties and bad input.
 OP_FAMILY_TESTS = ["test_skew_kl.py", "test_properties.py", "test_losses.py",
                    "test_gradient_cache.py", "test_bad_input.py", "test_fused_linear.py",
-                   "test_skew_kl_topk.py"]
+                   "test_skew_kl_topk.py", "test_fused_linear_topk.py"]
 CAPABILITIES = ["avx512", "avx2", "default"]
 
 

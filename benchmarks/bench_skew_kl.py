@@ -5,6 +5,10 @@ peak memory, SKL and SRKL, float32 and bfloat16, CPU always and CUDA when presen
     python benchmarks/bench_skew_kl.py                 # the shapes of RESULTS.md
     python benchmarks/bench_skew_kl.py --shapes 256x32000 --reps 5
     python benchmarks/bench_skew_kl.py --cpu-capability avx2     # the fused op's AVX2 copy
+    python benchmarks/bench_skew_kl.py --impls fused topk --top-k 32   # the sparse teacher's op
+
+`topk` is skew_kl_topk against the teacher's top-k (int32 ids, log-probabilities in the
+logits' dtype), with "x dense fused" its speed relative to skew_kl on the same student logits.
 
 --cpu-capability picks the fused op's CPU copy (DISTILLM_CPU_CAPABILITY). The baselines run
 PyTorch's own choice, which ATEN_CPU_CAPABILITY=avx2 (set in the environment) lowers too:
@@ -35,14 +39,16 @@ from distillm_ext.reference import skew_kl_reference  # noqa: E402
 
 CPU_SHAPES = ["2048x32000", "4096x50257"]
 GPU_SHAPES = ["2048x32000", "4096x50257", "8192x128256"]
-IMPLEMENTATIONS = ("fused", "eager", "compile")
+IMPLEMENTATIONS = ("fused", "eager", "compile", "topk")
 compiled_reference = torch.compile(skew_kl_reference)
 
 
-def implementations(loss_kwargs, names):
+def implementations(loss_kwargs, names, sparse_teacher):
+    """`topk`: skew_kl_topk against the teacher's top-k (ids, log-probabilities), taken once."""
     every = {"fused": lambda s, t: distillm_ext.skew_kl(s, t, **loss_kwargs),
              "eager": lambda s, t: skew_kl_reference(s, t, **loss_kwargs),
-             "compile": lambda s, t: compiled_reference(s, t, **loss_kwargs)}
+             "compile": lambda s, t: compiled_reference(s, t, **loss_kwargs),
+             "topk": lambda s, t: distillm_ext.skew_kl_topk(s, *sparse_teacher, **loss_kwargs)}
     return {name: every[name] for name in names}
 
 
@@ -55,13 +61,17 @@ def copy_gbps(device: str, gib: float = 1.0, reps: int = 20) -> float:
     return 2 * source.numel() / (median_ms * 1e-3) / 1e9
 
 
-def bench_case(device, rows, vocab, dtype, loss_name, warmup, reps, impls, ceiling_gbps=None):
+def bench_case(device, rows, vocab, dtype, loss_name, warmup, reps, impls, ceiling_gbps=None, top_k=32):
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(rows, vocab, generator=generator).to(device, dtype).requires_grad_()
     teacher = torch.randn(rows, vocab, generator=generator).to(device, dtype)
     loss_kwargs = dict(alpha=0.1, reverse=loss_name == "srkl")
+    sparse_teacher = None
+    if "topk" in impls:
+        top = torch.log_softmax(teacher.float(), dim=-1).topk(top_k, dim=-1)
+        sparse_teacher = (top.indices.to(torch.int32), top.values.to(dtype))
     results = []
-    for impl, fn in implementations(loss_kwargs, impls).items():
+    for impl, fn in implementations(loss_kwargs, impls, sparse_teacher).items():
         state = {}
 
         def forward():
@@ -86,8 +96,11 @@ def bench_case(device, rows, vocab, dtype, loss_name, warmup, reps, impls, ceili
         for baseline in ("eager", "compile"):
             if (row["mode"], baseline) in by_key:
                 row[f"vs_{baseline}"] = by_key[(row["mode"], baseline)]["median_ms"] / row["median_ms"]
+        if row["impl"] == "topk" and (row["mode"], "fused") in by_key:
+            row["vs_dense"] = by_key[(row["mode"], "fused")]["median_ms"] / row["median_ms"]
         if ceiling_gbps and row["mode"] == "full":
-            floor_bytes = 3 * rows * vocab * student.element_size()
+            # Read the logits once (both, when the teacher is dense), write the gradient once.
+            floor_bytes = (2 if row["impl"] == "topk" else 3) * rows * vocab * student.element_size()
             row["gbps"] = floor_bytes / (row["median_ms"] * 1e-3) / 1e9
             row["pct_copy"] = 100 * row["gbps"] / ceiling_gbps
     return results
@@ -100,6 +113,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--losses", nargs="+", default=["skl", "srkl"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--top-k", type=int, default=32, help="K of the topk implementation")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cpu-capability", choices=["avx512", "avx2", "default"],
@@ -116,6 +130,7 @@ def main():
                ("loss", "loss", "{}"), ("mode", "mode", "{}"), ("impl", "impl", "{}"),
                ("median_ms", "median ms", "{:.1f}"), ("peak_mb", "peak MB", "{:.0f}"),
                ("vs_eager", "x eager", "{:.1f}"), ("vs_compile", "x compile", "{:.2f}"),
+               ("vs_dense", "x dense fused", "{:.2f}"),
                ("gbps", "GB/s (floor bytes)", "{:.0f}"), ("pct_copy", "% of copy BW", "{:.0f}")]
     rows, ceilings = [], {}
     for device in args.devices:
@@ -127,7 +142,7 @@ def main():
             for dtype in args.dtypes:
                 for loss_name in args.losses:
                     case = bench_case(device, n, v, getattr(torch, dtype), loss_name, args.warmup, args.reps,
-                                      args.impls, ceilings.get(device))
+                                      args.impls, ceilings.get(device), args.top_k)
                     print_table(case, columns)
                     print()
                     rows += case

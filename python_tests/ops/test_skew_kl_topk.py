@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import distillm_ext
-from distillm_ext.losses import make_loss
+from distillm_ext.losses import SparseTeacher, make_loss
 from distillm_ext.reference import skew_kl_topk_reference, topk_kd_reference
 from conftest import assert_close_to_reference
 
@@ -249,3 +249,17 @@ def test_bad_input_is_a_one_line_error_naming_the_argument(change, message):
     with pytest.raises((RuntimeError, ValueError, IndexError), match=message) as error:
         distillm_ext.skew_kl_topk(student, ids, log_probs)
     assert "\n" not in str(error.value).split("\n\nException raised from")[0].strip()
+
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_modules_take_a_sparse_teacher(device, loss, reduction):
+    """make_loss's modules accept a SparseTeacher in place of the teacher's logits, with the
+    same loss and gradient as the reference."""
+    student, ids, log_probs, labels = make_case((3, 4, 120), device, 8, temperature=2.0)
+    module = make_loss(loss, alpha=0.1, beta=0.5, temperature=2.0, reduction=reduction)
+    fused, grad = loss_and_grad(module, student, SparseTeacher(ids, log_probs), labels)
+    reference, reference_grad = loss_and_grad(topk_kd_reference, student.double(), ids, log_probs.double(), labels,
+                                              loss=loss, temperature=2.0, reduction=reduction)
+    assert_close_to_reference(fused, reference, rtol=1e-5)
+    assert_grad_close(grad, reference_grad)

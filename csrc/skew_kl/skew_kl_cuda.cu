@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda_dtypes.cuh"
+
 #include <type_traits>
 
 #include "skew_kl_cuda.h"
@@ -21,16 +23,7 @@ using namespace gpu;
 
 constexpr int kThreads = 512;  // every launch; the loops step by it as a constant, not blockDim.x
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using namespace cuda_dtypes;
 
 // The two floats of a pair of packed bf16: one shift or one mask each (the compiler's own
 // conversion of the high half takes two instructions).

@@ -47,7 +47,11 @@ void check_sparse_teacher(const char* op, c10::SymIntArrayRef leading, const c10
 
 void check_sparse_teacher_ids(const char* op, const at::Tensor& teacher_ids, int64_t vocab) {
   if (at::isTensorSubclassLike(teacher_ids) || teacher_ids.numel() == 0) return;
-  const at::Tensor sorted = std::get<0>(teacher_ids.reshape({-1, teacher_ids.size(-1)}).sort(-1));
+  check_sorted_ids(op, std::get<0>(teacher_ids.reshape({-1, teacher_ids.size(-1)}).sort(-1)), vocab);
+}
+
+void check_sorted_ids(const char* op, const at::Tensor& sorted, int64_t vocab) {
+  if (at::isTensorSubclassLike(sorted) || sorted.numel() == 0) return;
   const at::Tensor repeats = sorted.narrow(1, 1, sorted.size(1) - 1).eq(sorted.narrow(1, 0, sorted.size(1) - 1));
   // One read of three numbers: the lowest id, the highest, and whether a row repeats one.
   const at::Tensor facts = at::stack({sorted.min().to(at::kLong), sorted.max().to(at::kLong),
@@ -125,15 +129,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& student, const
   check_inputs(student, ids, log_probs, labels, temperature);
   const LossSpec spec = loss_spec(loss, alpha, beta, temperature);
   const int64_t vocab = student.size(-1), k = ids.size(-1);
-  check_sparse_teacher_ids(kOp, ids, vocab);
   auto [row_loss, grad] = allocate_outputs(student, compute_grad);
   const int64_t num_rows = student.numel() / vocab;
   if (num_rows == 0) return {row_loss, grad};
 
   TopkParams prm{};
   const at::Tensor student_rows = with_row_layout(student, prm.student_rows);
-  // The kernels find the kept ids in order: sorted per row, their log-probabilities alike.
+  // The kernels find the kept ids in order: sorted per row, their log-probabilities alike. The
+  // checks read the same sorted rows: one sort.
   auto [sorted_ids, order] = ids.reshape({num_rows, k}).to(at::kLong).sort(-1);
+  check_sorted_ids(kOp, sorted_ids, vocab);
   const at::Tensor sorted_log_probs = log_probs.reshape({num_rows, k}).gather(1, order).to(at::kFloat).contiguous();
   sorted_ids = sorted_ids.contiguous();
   at::Tensor flat_labels;

@@ -42,4 +42,7 @@ void check_sparse_teacher(const char* op, c10::SymIntArrayRef leading, const c10
 // device). Skipped for tensors without values (fake tensors of torch.compile).
 void check_sparse_teacher_ids(const char* op, const at::Tensor& teacher_ids, int64_t vocab);
 
+// The same, on (rows, K) ids already sorted within each row.
+void check_sorted_ids(const char* op, const at::Tensor& sorted_ids, int64_t vocab);
+
 }  // namespace distillm

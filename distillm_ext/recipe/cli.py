@@ -1,4 +1,6 @@
-"""The `distillm` command: `distillm train` distills, `distillm eval` scores a model.
+"""The `distillm` command: `distillm train` distills, `distillm sft` fine-tunes without a teacher,
+`distillm cache-teacher` stores the teacher's top-k for training without it, `distillm eval`
+scores a model.
 
 Multi-process: `torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ...`.
 """
@@ -26,6 +28,8 @@ examples:
   distillm train teacher.path=builtin-untuned      # distill from the instruct model before it was tuned
   distillm sft student.path=my_model output.dir=runs/sft   # fine-tune on the data set, no teacher
   distillm sft --builtin-teacher                   # make the built-in teacher now (else on first use)
+  distillm cache-teacher cache.dir=runs/cache      # the teacher's top-32 at every response token, once
+  distillm train teacher.cache=runs/cache          # ... then distill with no teacher in memory
   distillm eval --model runs/srkl                  # the run's newest checkpoint, with the run's own settings
   torchrun --nproc_per_node 2 -m distillm_ext.recipe.cli train train.batch_size=16
 """
@@ -62,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
                              help="continue from the newest checkpoint in output.dir (exactly where it stopped)")
         command.add_argument("--overwrite", action="store_true",
                              help="replace a run already in output.dir (without it, that is an error)")
+    cache = commands.add_parser(
+        "cache-teacher", help="store the teacher's top-k log-probabilities on the train split, for teacher.cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs config.teacher once over the train split and writes, for every response position, "
+                    "its cache.top_k most likely ids and their log-probabilities at loss.temperature to "
+                    "cache.dir (safetensors shards and a manifest, about 4 bytes per kept id). "
+                    "`distillm train teacher.cache=DIR` then trains from it. Started again with the same "
+                    "config, a killed run continues where it stopped. Under torchrun every rank writes "
+                    "its own shards.",
+        epilog=options)
+    _add_config_arguments(cache)
+    cache.add_argument("--overwrite", action="store_true",
+                       help="replace what cache.dir holds (without it, a cache for another config is an error)")
     evaluate = commands.add_parser(
         "eval", help="score a model: validation loss and ROUGE-L", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Scores a model on a data split: cross-entropy on the reference responses and ROUGE-L "
@@ -202,6 +219,13 @@ def main(argv=None) -> int:
                 return 130
             print(results_table(summary))
             print(f"run directory: {config.output.dir}")
+        elif args.command == "cache-teacher":
+            from .cache_teacher import cache_teacher
+
+            config = load_config(args.config, args.overrides)
+            manifest = cache_teacher(config, overwrite=args.overwrite)
+            print(f"teacher cache: {manifest['data']['examples']} examples, {manifest['tokens']} tokens, top-"
+                  f"{manifest['codec']['top_k']}, {manifest['bytes_per_token']} B/token in {config.cache.dir}")
         else:
             result = run_eval(args)
             print(json.dumps(result, indent=2))

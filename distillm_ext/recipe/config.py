@@ -50,6 +50,8 @@ class TeacherConfig:
     path: str = opt(BUILTIN, 'local Hugging Face causal-LM directory; "builtin" (SmolLM2-135M-Instruct tuned on the '
                              'built-in data, made on first use), "builtin-untuned" (before tuning), or "none" (no '
                              'teacher: distillm sft)')
+    cache: str = opt("", "a top-k cache of this teacher written by `distillm cache-teacher`: dataset batches read "
+                         "the teacher from it, and with sgo.mode=off no teacher model is loaded at all")
 
 
 @dataclass
@@ -141,6 +143,13 @@ class SGOConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = opt("runs/teacher_cache", "distillm cache-teacher: where the teacher's top-k cache is written")
+    top_k: int = opt(32, "distillm cache-teacher: log-probabilities kept per position (the rest is one tail class)")
+    batch_size: int = opt(16, "distillm cache-teacher: examples per teacher forward")
+
+
+@dataclass
 class OutputConfig:
     dir: str = opt("runs/default", "run directory: config, metrics.jsonl, plots, checkpoints, summary")
     log_interval: int = opt(1, "optimizer steps between metrics.jsonl lines")
@@ -159,6 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sgo: SGOConfig = field(default_factory=SGOConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -201,6 +211,7 @@ def validate(config: Config) -> None:
         require(config.loss.kd_ratio == 0.0, "loss.kd_ratio", "0 without a teacher (teacher.path=none)")
         require(not config.eval.teacher, "eval.teacher", "false without a teacher (teacher.path=none)")
         require(config.sgo.mode == "off", "sgo.mode", "off without a teacher (teacher.path=none)")
+        require(not config.teacher.cache, "teacher.cache", "empty without a teacher (teacher.path=none)")
     require(config.data.max_prompt_length > 0, "data.max_prompt_length", "> 0")
     require(config.data.max_length > config.data.max_prompt_length, "data.max_length", "> data.max_prompt_length")
     require(config.data.template == "chat" or template_fields(config.data.template) == {"prompt"}, "data.template",
@@ -226,6 +237,8 @@ def validate(config: Config) -> None:
     require(sgo.temperature > 0, "sgo.temperature", "> 0")
     require(0.0 < sgo.top_p <= 1.0, "sgo.top_p", "in (0, 1]")
     require(sgo.top_k >= 0, "sgo.top_k", ">= 0")
+    require(config.cache.top_k > 0, "cache.top_k", "> 0")
+    require(config.cache.batch_size > 0, "cache.batch_size", "> 0")
     require(config.output.log_interval > 0, "output.log_interval", "> 0")
     require(config.output.checkpoint_interval >= 0, "output.checkpoint_interval", ">= 0")
     require(config.output.keep_checkpoints > 0, "output.keep_checkpoints", "> 0")

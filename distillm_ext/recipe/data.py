@@ -44,6 +44,7 @@ class EncodedExample:
     prompt_ids: list[int]  # the templated prompt
     response_ids: list[int]  # the response, EOS appended (truncated to fit max_length)
     reference: str  # the response text, for ROUGE-L
+    index: int = -1  # its place in the encoded split: a teacher cache finds its rows by it
 
 
 def _read_json_rows(path: Path, split: str) -> list[dict]:
@@ -129,7 +130,8 @@ def encode_examples(examples: list[Example], tokenizer, template: str, max_lengt
             dropped += 1
             continue
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        encoded.append(EncodedExample(prompt_ids, response_ids[: max_length - len(prompt_ids)], example.response))
+        encoded.append(EncodedExample(prompt_ids, response_ids[: max_length - len(prompt_ids)], example.response,
+                                      index=len(encoded)))
     if dropped:
         log.warning("%s: dropped %d of %d examples whose prompt is longer than data.max_prompt_length=%d tokens",
                     split, dropped, len(examples), max_prompt_length)
@@ -150,7 +152,9 @@ def pad_token_id(tokenizer) -> int:
 
 
 def collate_for_training(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) int64 input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    """Right-padded (B, T) int64 input_ids, attention_mask and labels (-100 on prompt and padding),
+    and the examples' (B,) int64 `example_ids` (their indices in the split: a teacher cache
+    reads its rows by them)."""
     length = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -160,7 +164,8 @@ def collate_for_training(examples: list[EncodedExample], pad_id: int) -> dict[st
         input_ids[row, :n_total] = torch.tensor(example.prompt_ids + example.response_ids)
         labels[row, n_prompt:n_total] = torch.tensor(example.response_ids)
         attention_mask[row, :n_total] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    example_ids = torch.tensor([example.index for example in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "example_ids": example_ids}
 
 
 def collate_prompts(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:

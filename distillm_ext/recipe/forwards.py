@@ -7,6 +7,8 @@ Two paths, the same numbers to float32 rounding:
 - logits: both models return full logits (LogitsKDLoss);
 - no teacher (teacher.path=none, `distillm sft`): the student's hidden states alone
   (ResponseCrossEntropyLoss).
+With an offline teacher (teacher.cache), CacheFirstForwards takes the teacher's side of dataset
+batches from the cache, and leaves the others (student outputs) to the live teacher.
 
 `make_kd_path` picks the path and pairs it with its loss. The student is always called through
 its training forward (the DDP wrapper, when there is one), so that its gradients are
@@ -153,24 +155,44 @@ class LogitsForwards:
             return {"student_logits": self.student_forward(**_training_inputs(batch)).logits[:, :-1]}
 
 
+class CacheFirstForwards:
+    """The teacher's side of a batch from the offline cache when the batch carries example ids
+    (a dataset batch, whose rows the cache holds), else from the live forwards (student outputs,
+    which no cache can hold); the student's side from the live forwards."""
+
+    def __init__(self, cache, live):
+        self.cache, self.live = cache, live
+        self.fused_linear = live.fused_linear
+
+    def teacher_signal(self, batch: dict):
+        if "example_ids" in batch:
+            return self.cache.signal(batch["example_ids"], batch["input_ids"].device)
+        return self.live.teacher_signal(batch)
+
+    def student_outputs(self, batch: dict) -> dict:
+        return self.live.student_outputs(batch)
+
+
 def make_kd_path(config: LossConfig, student: nn.Module, student_forward: Callable, teacher: Optional[nn.Module],
-                 vocab_size: int, autocast: Callable = contextlib.nullcontext, bf16: bool = False):
+                 vocab_size: int, autocast: Callable = contextlib.nullcontext, bf16: bool = False, cache=None):
     """(forwards, loss): hidden states and FusedLinearKDLoss when loss.fused_linear is set and
-    both models allow it (else a warning says why not), logits and LogitsKDLoss otherwise; the
-    student alone and ResponseCrossEntropyLoss without a teacher."""
-    if teacher is None:
+    the models allow it (else a warning says why not), logits and LogitsKDLoss otherwise; the
+    student alone and ResponseCrossEntropyLoss with neither a teacher nor a `cache`
+    (teacher_cache.TeacherCache, which may stand in for the teacher altogether)."""
+    if teacher is None and cache is None:
         reason = fused_linear_unsupported(student)
         if reason is not None:
             raise ConfigError(f"training without a teacher reads the student's final hidden states, and the "
                               f"student cannot provide them: {reason}")
         return HiddenStateForwards(student, student_forward, None, autocast, bf16), ResponseCrossEntropyLoss()
+    forwards, loss = LogitsForwards(student_forward, teacher, autocast), LogitsKDLoss(config, vocab_size)
     if config.fused_linear:
         for role, model in (("student", student), ("teacher", teacher)):
-            reason = fused_linear_unsupported(model)
+            reason = None if model is None else fused_linear_unsupported(model)
             if reason is not None:
                 log.warning("loss.fused_linear: off, because the %s cannot use it: %s", role, reason)
                 break
         else:
-            return (HiddenStateForwards(student, student_forward, teacher, autocast, bf16),
-                    FusedLinearKDLoss(config))
-    return LogitsForwards(student_forward, teacher, autocast), LogitsKDLoss(config, vocab_size)
+            forwards = HiddenStateForwards(student, student_forward, teacher, autocast, bf16)
+            loss = FusedLinearKDLoss(config, vocab_size)
+    return (forwards if cache is None else CacheFirstForwards(cache, forwards)), loss

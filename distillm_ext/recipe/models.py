@@ -181,20 +181,33 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
 class Models:
     """The models of a run, ready for it: on their device, in their dtypes, wrapped or sharded."""
 
-    teacher: Optional[nn.Module]  # frozen, eval mode; None with teacher.path=none (distillm sft)
+    teacher: Optional[nn.Module]  # frozen, eval mode; None with teacher.path=none (distillm sft), or when
+                                  # teacher.cache serves every batch (sgo.mode=off)
     student: nn.Module          # the module whose parameters train (sharded under fsdp)
     student_forward: nn.Module  # what the student's training forwards go through (DDP's wrapper)
     tokenizer: object
     vocab_size: int             # the output rows both models share (see README, "Padded vocabularies")
 
 
+def needs_live_teacher(config: Config) -> bool:
+    """A teacher model is loaded unless there is none, or its cache (teacher.cache) answers every
+    batch: with sgo.mode=off, every batch is a dataset batch."""
+    return config.teacher.path != NO_TEACHER and not (config.teacher.cache and config.sgo.mode == "off")
+
+
 def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16: bool = False) -> Models:
-    """The teacher (None with teacher.path=none) and the student of `config`, placed by the
-    parallel plan `plan`: the student from `resume_from`'s model/ when resuming. `bf16`: the
-    teacher's weights in bfloat16."""
+    """The teacher (None when `needs_live_teacher` says so) and the student of `config`, placed
+    by the parallel plan `plan`: the student from `resume_from`'s model/ when resuming. `bf16`:
+    the teacher's weights in bfloat16."""
     teacher, tokenizer = None, None
-    if config.teacher.path != NO_TEACHER:
+    output_rows = []  # of each model, or of the teacher as its cache recorded it
+    if needs_live_teacher(config):
         teacher, tokenizer = load_teacher(config.teacher.path)
+        output_rows.append(teacher.get_output_embeddings().weight.shape[0])
+    elif config.teacher.cache:
+        from .teacher_cache import read_manifest
+
+        output_rows.append(read_manifest(config.teacher.cache)["teacher"]["output_rows"])
     if resume_from is not None:
         student, student_tokenizer = load_causal_lm(str(resume_from / "model"), "student")
         student.train()
@@ -205,7 +218,7 @@ def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16:
     if bf16 and teacher is not None:
         teacher.to(torch.bfloat16)
     # Vocabularies padded to different multiples (152064 vs 151936) share their first rows.
-    vocab_size = min(model.get_output_embeddings().weight.shape[0] for model in (teacher, student) if model is not None)
+    vocab_size = min(output_rows + [student.get_output_embeddings().weight.shape[0]])
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model outputs only {vocab_size}")
     student_forward = plan.wrap(student, teacher)

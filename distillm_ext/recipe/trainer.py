@@ -4,6 +4,7 @@ a seam, and the trainer never asks which kind it has:
 - parallel.make_plan (ddp or fsdp): wrapping, accumulation without gradient sync, the global
   gradient norm, the checkpoint's model and optimizer state;
 - forwards.make_kd_path: both models' forwards, and the KD loss that reads them (kd_loss.py);
+  the teacher's side comes from the live teacher or from its top-k cache (teacher_cache.py);
 - the batch source (batches.py, sgo.py): the dataset, or fresh and replayed student outputs;
 - checkpoint.Checkpointer: saving, and --resume.
 
@@ -46,6 +47,7 @@ from .run_directory import check_output_dir, start_run
 from .sgo import make_batch_source
 from .step_stats import StepResult, StepStats, StepTimer, ThroughputClock
 from .stopping import RunStopped, StopSignals
+from .teacher_cache import open_teacher_cache
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,9 @@ class Trainer:
         self.teacher, self.student, self.tokenizer = models.teacher, models.student, models.tokenizer
         self.vocab_size = models.vocab_size
         self._load_data()
+        cache = open_teacher_cache(config, self.tokenizer, self.train_examples, self.vocab_size)
         self.forwards, self.loss = make_kd_path(config.loss, self.student, models.student_forward, self.teacher,
-                                                self.vocab_size, self._autocast, self.bf16)
+                                                self.vocab_size, self._autocast, self.bf16, cache)
         self.optimizer, self.lr_schedule = build_optimizer(self.student, config.train, self.total_steps)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, self.plan, self.runtime, config.output.keep_checkpoints)
         self.step = 0
@@ -256,7 +259,7 @@ class Trainer:
         """Trains to train.max_steps (or the epochs) and returns the summary; RunStopped when
         stopped early by a signal, after a checkpoint."""
         if not self.history["before"]:
-            if self.config.eval.teacher:
+            if self.config.eval.teacher and self.teacher is not None:  # none loaded: teacher.cache serves it
                 with self._autocast():
                     teacher = self.evaluate(self.teacher)
                 self.history["before"]["teacher"] = teacher.to_dict()

@@ -18,6 +18,10 @@ Protocol (the paper's, scaled down):
 3. Each final student is scored by `distillm eval` on the test split: cross-entropy on the
    references and ROUGE-L of greedy answers, on --test-examples examples (all 300 by default).
 
+The offline-teacher study (--teacher-cache DIR, a `distillm cache-teacher` directory of the
+built-in teacher): skl against "skl@cache", the same runs with teacher.cache=DIR and no teacher
+loaded. `--configs skl skl@cache --teacher-cache DIR` runs it alone.
+
 Every finished run keeps its result.json and metrics (its weights are deleted once scored), so
 an interrupted study continues where it stopped (delete the folder to start over). Outputs in
 --out: results.json (every run and the summaries), study.md (tables and a verdict per claim),
@@ -54,7 +58,10 @@ CONFIGURATIONS = {
     "skl+on_policy": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=on_policy"],
     "skl+adaptive": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=adaptive", "sgo.buffer_size=64"],
 }
+CACHED = "skl@cache"  # skl from the --teacher-cache top-k cache instead of the live teacher
+CONFIGURATIONS[CACHED] = CONFIGURATIONS["skl"]
 LOSS_STUDY = (*LOSSES, "gold")
+CACHE_STUDY = ("skl", CACHED)
 SCHEDULE_STUDY = ("skl", "skl+on_policy", "skl+adaptive")
 SKEWED = ("skl", "srkl")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (for paired differences over seeds).
@@ -90,7 +97,8 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
     if result_file.is_file():
         return json.loads(result_file.read_text())
     started = time.perf_counter()
-    run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], f"student.path={student}",
+    cache = [f"teacher.cache={args.teacher_cache}"] if name == CACHED else []
+    run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], *cache, f"student.path={student}",
                   f"train.seed={seed}", f"train.max_steps={args.steps}", f"eval.interval={args.eval_interval}",
                   f"eval.num_examples={args.curve_examples}", "eval.teacher=false",
                   "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
@@ -185,6 +193,11 @@ def schedule_claims(results: list[dict]) -> list[str]:
                             ("skl+on_policy", "skl", ("rouge_l", "test_loss"))])
 
 
+def cache_claims(results: list[dict]) -> list[str]:
+    """The offline teacher should cost nothing: a difference within seed noise is what we want."""
+    return claims(results, [(CACHED, "skl", ("rouge_l", "test_loss"))])
+
+
 def markdown(title: str, rows: list[dict], statements: list[str], schedules: bool) -> str:
     extra = " | training s | φ at the end | steps data/generate/replay" if schedules else ""
     lines = [f"### {title}", "",
@@ -240,7 +253,9 @@ def report(results: list[dict], meta: dict, out: Path) -> str:
     """results.json, study.md and the charts of both studies (each only if any of its runs ran)."""
     sections, summary = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", ""], {}
     for name, title, names, statements in (("losses", "Which loss?", LOSS_STUDY, loss_claims),
-                                           ("schedules", "Which schedule? (all skl)", SCHEDULE_STUDY, schedule_claims)):
+                                           ("schedules", "Which schedule? (all skl)", SCHEDULE_STUDY, schedule_claims),
+                                           ("cache", "Live teacher or its top-k cache? (skl)", CACHE_STUDY,
+                                            cache_claims)):
         rows = summarize(results, names)
         if len(rows) > 1:  # a study of one configuration (skl alone, shared) compares nothing
             summary[name] = rows
@@ -255,8 +270,10 @@ def report(results: list[dict], meta: dict, out: Path) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS),
-                        help="default: all (the loss study, then the schedule study)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGURATIONS),
+                        help="default: all (the loss study, the schedule study, and skl@cache with --teacher-cache)")
+    parser.add_argument("--teacher-cache", type=Path, metavar="DIR",
+                        help="a distillm cache-teacher directory of the teacher: adds skl@cache")
     parser.add_argument("--warm-start-steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-interval", type=int, default=10)
@@ -268,6 +285,9 @@ def main(argv=None) -> None:
                         help="2 seeds, 2 warm-start + 3 steps, 8 examples: checks the pipeline, not the claims")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/losses"))
     args = parser.parse_args(argv)
+    args.configs = args.configs or [name for name in CONFIGURATIONS if name != CACHED or args.teacher_cache]
+    if CACHED in args.configs and not args.teacher_cache:
+        parser.error(f"{CACHED} needs --teacher-cache DIR")
     if args.quick:
         args.seeds, args.warm_start_steps, args.steps, args.eval_interval = args.seeds[:2], 2, 3, 2
         args.curve_examples = args.test_examples = 8

@@ -100,7 +100,14 @@ def write_shard(path: Path, examples: list[EncodedExample], topk: TopKTeacher, b
     staging = path.with_name(f".{path.name}.tmp")
     save_file({"codes": codes, "lengths": np.asarray(lengths, dtype=np.int32)}, str(staging),
               metadata={"first_example": str(examples[0].index)})  # one key: safetensors orders keys at random
+    os.chmod(staging, 0o666 & ~_umask())  # safetensors creates it 0600; a shared cache is read by others
     os.replace(staging, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def prepare_directory(directory: Path, plan: dict, overwrite: bool) -> bool:

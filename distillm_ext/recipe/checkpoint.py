@@ -50,7 +50,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return all((checkpoint / name).is_file() for name in (STATE_FILE, INFO_FILE, "rank0.pt", "model/config.json"))
+    """Everything a checkpoint writes is there; model/ is a whole model or a LoRA adapter."""
+    model = checkpoint / "model"
+    return (all((checkpoint / name).is_file() for name in (STATE_FILE, INFO_FILE, "rank0.pt"))
+            and any((model / name).is_file() for name in ("config.json", "adapter_config.json")))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """The `distillm` command: `distillm train` distills, `distillm sft` fine-tunes without a teacher,
 `distillm cache-teacher` stores the teacher's top-k for training without it, `distillm eval`
-scores a model.
+scores a model, `distillm export` writes a run's model as one plain model directory.
 
 Multi-process: `torchrun --nproc_per_node N -m distillm_ext.recipe.cli train ...`.
 """
@@ -31,6 +31,8 @@ examples:
   distillm cache-teacher cache.dir=runs/cache      # the teacher's top-32 at every response token, once
   distillm train teacher.cache=runs/cache          # ... then distill with no teacher in memory
   distillm eval --model runs/srkl                  # the run's newest checkpoint, with the run's own settings
+  distillm train student.lora_r=16 output.dir=runs/lora   # a LoRA student (peft): the adapter alone trains
+  distillm export runs/lora exported/              # the newest checkpoint, adapter merged, for from_pretrained
   torchrun --nproc_per_node 2 -m distillm_ext.recipe.cli train train.batch_size=16
 """
 
@@ -86,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "its checkpoints, the settings start from the run's own config.json, so with no "
                     "overrides it reproduces the run's numbers.",
         epilog=options)
+    export = commands.add_parser(
+        "export", help="write a run's newest checkpoint as one plain model directory (LoRA merged)",
+        description="Writes the newest checkpoint of RUN_DIR to OUT_DIR as a save_pretrained model with its "
+                    "tokenizer, which AutoModelForCausalLM.from_pretrained loads without peft or this package. "
+                    "A LoRA run's adapter is merged into its base; a full run's model is copied.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     evaluate.add_argument("--model", required=True, metavar="PATH",
                           help='"teacher", "student" (the untrained config.student), a run directory '
                                "(its newest checkpoint), a checkpoint directory, or a model directory")
@@ -120,7 +130,7 @@ def run_eval(args) -> dict:
     from .checkpoint import read_info
     from .data import load_split
     from .evaluate import evaluate
-    from .models import load_causal_lm, load_student, load_teacher
+    from .models import load_student, load_teacher, load_trained
 
     checkpoint, run_dir = (None, None) if args.model in ("teacher", "student") else find_checkpoint(args.model)
     files = [str(run_dir / "config.json")] if run_dir else []
@@ -132,7 +142,7 @@ def run_eval(args) -> dict:
             model, _ = load_student(config.student.path, config.student.keep_layers, config.teacher.path, tokenizer)
             vocab_size = min(vocab_size, model.get_output_embeddings().weight.shape[0])
     else:  # the teacher is not needed, nor loaded
-        model, tokenizer = load_causal_lm(str(checkpoint / "model" if checkpoint else args.model), "--model")
+        model, tokenizer = load_trained(checkpoint / "model" if checkpoint else Path(args.model), config)
         # A checkpoint knows the vocabulary it was distilled on (the teacher's may be smaller).
         vocab_size = read_info(checkpoint)["vocab_size"] if checkpoint else model.get_output_embeddings().weight.shape[0]
     examples = load_split(config.data, args.split, tokenizer, config.eval.num_examples)
@@ -219,6 +229,11 @@ def main(argv=None) -> int:
                 return 130
             print(results_table(summary))
             print(f"run directory: {config.output.dir}")
+        elif args.command == "export":
+            from .export import export
+
+            checkpoint = export(Path(args.run_dir), Path(args.out_dir), overwrite=args.overwrite)
+            print(f"exported {checkpoint} to {args.out_dir}")
         elif args.command == "cache-teacher":
             from .cache_teacher import cache_teacher
 

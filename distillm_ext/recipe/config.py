@@ -62,6 +62,12 @@ class StudentConfig:
     keep_layers: list[int] = opt(
         [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29], "teacher layers the built-in student keeps (comma-separated)"
     )
+    lora_r: int = opt(0, "LoRA rank (peft); 0 = full training. With LoRA only the adapter trains, and checkpoints "
+                         "hold the adapter alone (distillm export merges it)")
+    lora_alpha: Optional[float] = opt(None, "LoRA scaling numerator (none = 2 x lora_r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA path, in [0, 1)")
+    lora_targets: list[str] = opt(["all-linear"], "all-linear (every Linear of the decoder blocks, not the output "
+                                                  "embedding), or Linear layer names (comma-separated: q_proj,v_proj)")
 
 
 @dataclass
@@ -212,6 +218,11 @@ def validate(config: Config) -> None:
         require(not config.eval.teacher, "eval.teacher", "false without a teacher (teacher.path=none)")
         require(config.sgo.mode == "off", "sgo.mode", "off without a teacher (teacher.path=none)")
         require(not config.teacher.cache, "teacher.cache", "empty without a teacher (teacher.path=none)")
+    student = config.student
+    require(student.lora_r >= 0, "student.lora_r", ">= 0 (0 = full training)")
+    require(student.lora_alpha is None or student.lora_alpha > 0, "student.lora_alpha", "> 0 (or none: 2 x lora_r)")
+    require(0.0 <= student.lora_dropout < 1.0, "student.lora_dropout", "in [0, 1)")
+    require(len(student.lora_targets) > 0, "student.lora_targets", "all-linear or a list of Linear layer names")
     require(config.data.max_prompt_length > 0, "data.max_prompt_length", "> 0")
     require(config.data.max_length > config.data.max_prompt_length, "data.max_length", "> data.max_prompt_length")
     require(config.data.template == "chat" or template_fields(config.data.template) == {"prompt"}, "data.template",

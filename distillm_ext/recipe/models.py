@@ -166,6 +166,36 @@ def load_student(path: str, keep_layers: list[int], teacher_path: str, teacher_t
     return student.train(), tokenizer
 
 
+def build_student(config: Config, teacher_tokenizer=None, resume_from: Optional[Path] = None):
+    """(student in train mode, its tokenizer): config.student, or `resume_from`'s model/ when
+    resuming. With LoRA (student.lora_r > 0) it is the configured base with an adapter, fresh or
+    `resume_from`'s (lora.py); only the adapter trains."""
+    from .lora import add_lora, load_lora
+
+    lora = config.student.lora_r > 0
+    if resume_from is not None and not lora:
+        student, tokenizer = load_causal_lm(str(resume_from / "model"), "student")
+        return student.train(), tokenizer
+    student, tokenizer = load_student(config.student.path, config.student.keep_layers, config.teacher.path,
+                                      teacher_tokenizer)
+    if not lora:
+        return student, tokenizer
+    if resume_from is not None:
+        return load_lora(student, resume_from / "model", trainable=True).train(), tokenizer
+    return add_lora(student, config.student, config.loss.fused_linear).train(), tokenizer
+
+
+def load_trained(model_dir: Path, config: Config):
+    """(model, tokenizer) of a checkpoint's model/ (or any model directory) for inference: the
+    whole model, or for a LoRA adapter the base that `config` builds with the adapter on it."""
+    from .lora import is_adapter, load_lora
+
+    if not is_adapter(model_dir):
+        return load_causal_lm(str(model_dir), "--model")
+    base, tokenizer = load_student(config.student.path, config.student.keep_layers, config.teacher.path)
+    return load_lora(base, model_dir, trainable=False).eval(), tokenizer
+
+
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
     """KD compares distributions token by token, so both models must share one vocabulary."""
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
@@ -208,12 +238,7 @@ def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16:
         from .teacher_cache import read_manifest
 
         output_rows.append(read_manifest(config.teacher.cache)["teacher"]["output_rows"])
-    if resume_from is not None:
-        student, student_tokenizer = load_causal_lm(str(resume_from / "model"), "student")
-        student.train()
-    else:
-        student, student_tokenizer = load_student(config.student.path, config.student.keep_layers,
-                                                  config.teacher.path, tokenizer)
+    student, student_tokenizer = build_student(config, tokenizer, resume_from)
     tokenizer = tokenizer or student_tokenizer
     if bf16 and teacher is not None:
         teacher.to(torch.bfloat16)

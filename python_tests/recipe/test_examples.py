@@ -41,3 +41,13 @@ def test_transformers_trainer_accumulation_averages_as_one_batch(tiny, tmp_path)
                              "--batch-size", str(batch_size), "--grad-accum", str(grad_accum))
         runs[grad_accum] = [float(x) for x in re.search(r"losses: (.*)", output).group(1).split()]
     assert runs[2] == pytest.approx(runs[1], rel=2e-3), runs
+
+
+def test_trl_gkd_trainer_with_skew_kl_and_a_lora_student(tiny, tmp_path):
+    pytest.importorskip("trl", reason="the TRL example needs trl (pip install 'distillm_ext[examples]')")
+    output = run_example("trl_gkd_skew_kl.py", tiny, "--output-dir", str(tmp_path / "run"), "--lmbda", "0.5",
+                         "--max-new-tokens", "4")
+    trainable, total = map(int, re.search(r"LoRA student: (\d+) of (\d+) parameters", output).groups())
+    assert 0 < trainable < total / 2
+    losses = [float(x) for x in re.search(r"losses: (.*)", output).group(1).split()]
+    assert len(losses) == 4 and all(math.isfinite(loss) and loss >= 0 for loss in losses)

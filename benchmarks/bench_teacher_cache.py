@@ -16,8 +16,6 @@ Measures, in one process per training:
 import argparse
 import contextlib
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,31 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import environment, print_table, write_json  # noqa: E402
+from harness import compare_trainings, environment, print_table, run_distillm, write_json  # noqa: E402
 
 from distillm_ext import skew_kl, skew_kl_topk  # noqa: E402
 from distillm_ext.recipe.cache_teacher import TopKTeacher  # noqa: E402
 from distillm_ext.recipe.config import load_config  # noqa: E402
 from distillm_ext.recipe.data import collate_for_training, load_split, pad_token_id  # noqa: E402
-from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 from distillm_ext.recipe.models import load_student, load_teacher  # noqa: E402
 from distillm_ext.recipe.topk_codec import TopKCodec  # noqa: E402
-
-# Runs the CLI, then prints the process's peak resident set (Linux: KiB).
-WITH_PEAK_RSS = ("import resource, sys; from distillm_ext.recipe.cli import main; code = main(sys.argv[1:]); "
-                 "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr); "
-                 "sys.exit(code)")
-
-
-def cli(arguments: list, log_path: Path) -> int:
-    """Runs `distillm ARGUMENTS` in its own process; returns its peak RSS in KiB."""
-    with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, *arguments], stdout=log, stderr=subprocess.STDOUT)
-    text = log_path.read_text()
-    if done.returncode != 0:
-        sys.exit(f"distillm {' '.join(arguments[:1])} failed; see {log_path}")
-    return int(text.rsplit("peak_rss_kb=", 1)[1].split()[0])
-
 
 def quantization_error(cache_dir: Path, examples_count: int) -> dict:
     """The code's error, and its effect on the loss, on the first training examples."""
@@ -81,11 +62,6 @@ def quantization_error(cache_dir: Path, examples_count: int) -> dict:
             "teacher_mass_in_topk_mean": float(exact.exp().sum(-1).mean())}
 
 
-def tokens_per_s(run_dir: Path) -> float:
-    rates = [r["tokens_per_s"] for r in read_metrics(run_dir) if r["kind"] == "train"]
-    return statistics.median(rates[2:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("runs/teacher_cache"))
@@ -96,27 +72,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/teacher_cache.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_teacher_cache-"))
-    cli(["cache-teacher", f"cache.dir={args.cache}", f"cache.top_k={args.top_k}"], work / "cache.log")
+    run_distillm(["cache-teacher", f"cache.dir={args.cache}", f"cache.top_k={args.top_k}"], work / "cache.log")
     manifest = json.loads((args.cache / "manifest.json").read_text())
     error = quantization_error(args.cache, args.error_examples)
 
-    common = [f"train.max_steps={args.steps}", "eval.num_examples=8", "eval.teacher=false",
-              "output.checkpoint_interval=0", "output.plots=false"]
-    modes = [("live teacher", []), ("teacher.cache", [f"teacher.cache={args.cache}"])]
-    runs = {name: [] for name, _ in modes}
-    for repeat in range(args.repeats):
-        for name, extra in modes if repeat % 2 == 0 else modes[::-1]:  # alternate, against drift
-            run_dir = work / f"{name.replace(' ', '_').replace('.', '_')}-{repeat}"
-            rss = cli(["train", *common, *extra, f"output.dir={run_dir}"], run_dir.with_suffix(".log"))
-            runs[name].append({"tokens_per_s": tokens_per_s(run_dir), "peak_rss_mb": rss / 1024})
-    rows = [{"teacher": name, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
-             "tokens_per_s_runs": [round(r["tokens_per_s"]) for r in results],
-             "peak_rss_mb": max(r["peak_rss_mb"] for r in results)} for name, results in runs.items()]
+    rows = compare_trainings([("live teacher", []), ("teacher.cache", [f"teacher.cache={args.cache}"])],
+                             args.steps, args.repeats, work)
     speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(f"cache: {manifest['tokens']} tokens, top-{manifest['codec']['top_k']}, {manifest['bytes_per_token']} "
           f"B/token ({manifest['codec']['bytes_per_token']} B of codes)")
     print(json.dumps(error, indent=2))
-    print_table(rows, [("teacher", "teacher", "{}"), ("tokens_per_s", "tokens/s (median)", "{:.0f}"),
+    print_table(rows, [("mode", "teacher", "{}"), ("tokens_per_s", "tokens/s (median)", "{:.0f}"),
                        ("tokens_per_s_runs", "tokens/s per run", "{}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")])
     print(f"cache-fed / live tokens/s: {speedup:.2f}x")
     write_json(args.output, rows, {**environment(), "steps": args.steps, "cache": {

@@ -3,6 +3,8 @@ device events on GPU, peak memory above the inputs, a table on stdout and JSON b
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +136,45 @@ def environment() -> dict:
 
 
 __all__ = ["Result", "environment", "measure", "print_table", "write_json"]
+
+
+# `distillm` in its own process, then the process's peak resident set (Linux: KiB) on stderr.
+_WITH_PEAK_RSS = ("import resource, sys; from distillm_ext.recipe.cli import main; code = main(sys.argv[1:]); "
+                  "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr); "
+                  "sys.exit(code)")
+
+
+def run_distillm(arguments: list, log_path: Path) -> float:
+    """Runs `distillm ARGUMENTS` in a fresh process, its output in log_path; returns its peak RSS
+    in MB (exits with a pointer to the log if it fails)."""
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-c", _WITH_PEAK_RSS, *arguments], stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"distillm {arguments[0]} failed; see {log_path}")
+    return int(log_path.read_text().rsplit("peak_rss_kb=", 1)[1].split()[0]) / 1024
+
+
+def compare_trainings(modes: list, steps: int, repeats: int, work: Path) -> list[dict]:
+    """Short `distillm train` runs of the built-in default, one per (name, overrides) mode and
+    repeat, alternating the order against drift; per mode: median tokens/s, each run's, and the
+    largest peak RSS (MB)."""
+    common = [f"train.max_steps={steps}", "eval.num_examples=8", "eval.teacher=false",
+              "output.checkpoint_interval=0", "output.plots=false"]
+    runs = {name: [] for name, _ in modes}
+    for repeat in range(repeats):
+        for index, (name, overrides) in enumerate(modes if repeat % 2 == 0 else modes[::-1]):
+            run_dir = work / f"run{repeat}-{index}"
+            rss = run_distillm(["train", *common, *overrides, f"output.dir={run_dir}"], run_dir.with_suffix(".log"))
+            runs[name].append((training_tokens_per_s(run_dir), rss))
+    return [{"mode": name, "tokens_per_s": statistics.median(rate for rate, _ in results),
+             "tokens_per_s_runs": [round(rate) for rate, _ in results],
+             "peak_rss_mb": max(rss for _, rss in results)} for name, results in runs.items()]
+
+
+def training_tokens_per_s(run_dir: Path, skip: int = 2) -> float:
+    """The median tokens/s of a run's logged steps after the first `skip` (metrics.jsonl: the
+    training time alone, evaluations and checkpoints excluded)."""
+    from distillm_ext.recipe.metrics import read_metrics
+
+    rates = [r["tokens_per_s"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    return statistics.median(rates[skip:])

@@ -29,7 +29,7 @@ from .config import BUILTIN, Config, ConfigError
 from .data import EncodedExample, collate_for_training, load_split, pad_token_id
 from .distributed import barrier, init_runtime
 from .forwards import FinalHiddenStates, check_head_input, fused_linear_unsupported
-from .models import load_teacher, model_dir
+from .models import load_teacher, model_dir, teacher_dtype
 from .teacher_cache import MANIFEST, PLAN, cache_binding, differences, read_json, shard_name, write_json
 from .topk_codec import TopKCodec
 
@@ -136,7 +136,7 @@ def cache_teacher(config: Config, overwrite: bool = False) -> dict:
     directory = Path(config.cache.dir)
     teacher, tokenizer = load_teacher(config.teacher.path)
     bf16 = config.train.bf16 and runtime.device.type == "cuda"
-    teacher.to(runtime.device, torch.bfloat16 if bf16 else None)
+    teacher.to(runtime.device, teacher_dtype(config, bf16))
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     examples = load_split(config.data, "train", tokenizer)
     vocab_size = min(teacher_rows, student_output_rows(config, teacher_rows))

@@ -33,6 +33,7 @@ LossType = Literal[tuple(LOSSES)]
 LrSchedule = Literal["cosine", "linear", "constant"]
 NonFinitePolicy = Literal["stop", "skip"]
 ParallelPlanName = Literal["ddp", "fsdp"]
+TeacherDType = Literal["float32", "bfloat16", "float16"]
 SGOMode = Literal["off", "on_policy", "adaptive"]
 ReplayRatio = Literal[REPLAY_RATIOS]
 FirstReference = Literal[FIRST_REFERENCES]
@@ -50,6 +51,8 @@ class TeacherConfig:
     path: str = opt(BUILTIN, 'local Hugging Face causal-LM directory; "builtin" (SmolLM2-135M-Instruct tuned on the '
                              'built-in data, made on first use), "builtin-untuned" (before tuning), or "none" (no '
                              'teacher: distillm sft)')
+    dtype: Optional[TeacherDType] = opt(None, "the teacher's weights (none: bfloat16 with train.bf16 on CUDA, else "
+                                              "float32); the loss is computed in float32 either way")
     cache: str = opt("", "a top-k cache of this teacher written by `distillm cache-teacher`: dataset batches read "
                          "the teacher from it, and with sgo.mode=off no teacher model is loaded at all")
 
@@ -112,6 +115,8 @@ class TrainConfig:
                                              "with it) or skip (drop that step's update and count it, as "
                                              "mixed-precision loss scaling does)")
     bf16: bool = opt(True, "bf16 autocast and a bf16 teacher (CUDA only)")
+    activation_checkpointing: bool = opt(False, "recompute each student decoder layer in the backward instead of "
+                                                "keeping its activations (non-reentrant; ddp and fsdp)")
     parallel: ParallelPlanName = opt("ddp", "over torchrun's ranks: ddp (whole models on every rank) or fsdp "
                                             "(FSDP2: student and teacher sharded per decoder layer; sharded "
                                             "checkpoints)")

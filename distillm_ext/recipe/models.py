@@ -170,9 +170,13 @@ def build_student(config: Config, teacher_tokenizer=None, resume_from: Optional[
     """(student in train mode, its tokenizer): config.student, or `resume_from`'s model/ when
     resuming. With LoRA (student.lora_r > 0) it is the configured base with an adapter, fresh or
     `resume_from`'s (lora.py); only the adapter trains."""
-    from .lora import add_lora, load_lora
+    from .lora import add_lora, is_adapter, load_lora
 
     lora = config.student.lora_r > 0
+    if resume_from is not None and is_adapter(resume_from / "model") != lora:
+        saved = "a LoRA adapter" if is_adapter(resume_from / "model") else "a whole student (full training)"
+        raise ConfigError(f"--resume: {resume_from} holds {saved}, and student.lora_r is {config.student.lora_r} "
+                          f"now; resume with the run's own student settings")
     if resume_from is not None and not lora:
         student, tokenizer = load_causal_lm(str(resume_from / "model"), "student")
         return student.train(), tokenizer
@@ -225,10 +229,27 @@ def needs_live_teacher(config: Config) -> bool:
     return config.teacher.path != NO_TEACHER and not (config.teacher.cache and config.sgo.mode == "off")
 
 
+def teacher_dtype(config: Config, bf16: bool) -> torch.dtype:
+    """teacher.dtype, or bfloat16 when the run computes in it (`bf16`: train.bf16 on CUDA)."""
+    if config.teacher.dtype is not None:
+        return getattr(torch, config.teacher.dtype)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def checkpoint_layers(student: nn.Module) -> None:
+    """train.activation_checkpointing: each decoder layer of the student recomputed in the
+    backward (transformers' own, non-reentrant; before any sharding, as FSDP2 wants it)."""
+    lm = causal_lm(student)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: the student ({type(lm).__name__}) does not support "
+                          f"it in transformers; set it to false")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16: bool = False) -> Models:
     """The teacher (None when `needs_live_teacher` says so) and the student of `config`, placed
     by the parallel plan `plan`: the student from `resume_from`'s model/ when resuming. `bf16`:
-    the teacher's weights in bfloat16."""
+    the run computes in bfloat16 (train.bf16 on CUDA), the teacher's default dtype then."""
     teacher, tokenizer = None, None
     output_rows = []  # of each model, or of the teacher as its cache recorded it
     if needs_live_teacher(config):
@@ -240,8 +261,10 @@ def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16:
         output_rows.append(read_manifest(config.teacher.cache)["teacher"]["output_rows"])
     student, student_tokenizer = build_student(config, tokenizer, resume_from)
     tokenizer = tokenizer or student_tokenizer
-    if bf16 and teacher is not None:
-        teacher.to(torch.bfloat16)
+    if teacher is not None:
+        teacher.to(teacher_dtype(config, bf16))
+    if config.train.activation_checkpointing:
+        checkpoint_layers(student)
     # Vocabularies padded to different multiples (152064 vs 151936) share their first rows.
     vocab_size = min(output_rows + [student.get_output_embeddings().weight.shape[0]])
     if len(tokenizer) > vocab_size:

@@ -123,7 +123,7 @@ def read_manifest(directory) -> dict:
 
 def differences(cached: dict, run: dict) -> list[str]:
     """What differs between the binding of a cache and the binding a run would give it, in the
-    order a person should fix it (an other tokenizer changes the data's fingerprint too)."""
+    order a person should fix it (another tokenizer changes the data's fingerprint too)."""
     checks = [
         ("loss.temperature", cached["temperature"], run["temperature"]),
         ("data.max_length", cached["data"]["max_length"], run["data"]["max_length"]),

@@ -99,6 +99,8 @@ def test_lora_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
     assert [r["loss"] for r in train_records(killed)] == [r["loss"] for r in train_records(straight)]
     expected, actual = adapter(straight, 8), adapter(killed, 8)
     assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    with pytest.raises(ConfigError, match="holds a LoRA adapter, and student.lora_r is 0 now"):
+        Trainer(load_config(None, lora_args(tiny, killed, **{**common, "student__lora_r": 0})), resume=True)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -11,15 +11,19 @@ from tiny_models import overrides
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import compare_losses  # noqa: E402
 
+from distillm_ext.recipe.cli import main as distillm  # noqa: E402
+
 
 def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
-    out = tmp_path / "losses"
+    out, cache = tmp_path / "losses", tmp_path / "cache"
     tiny_settings = [item for item in overrides(tiny, tmp_path / "unused") if not item.startswith("output.dir=")]
-    compare_losses.main(["--quick", "--out", str(out), "--set", *tiny_settings])
+    assert distillm(["cache-teacher", *tiny_settings, f"cache.dir={cache}", "cache.top_k=8"]) == 0
+    compare_losses.main(["--quick", "--out", str(out), "--teacher-cache", str(cache), "--set", *tiny_settings])
     report = json.loads((out / "results.json").read_text())
     assert len(report["runs"]) == 2 * len(compare_losses.CONFIGURATIONS)
     assert [row["config"] for row in report["studies"]["losses"]] == list(compare_losses.LOSS_STUDY)
     assert [row["config"] for row in report["studies"]["schedules"]] == list(compare_losses.SCHEDULE_STUDY)
+    assert [row["config"] for row in report["studies"]["cache"]] == list(compare_losses.CACHE_STUDY)
     assert all(run["test_examples"] == 8 and [s for s, _ in run["curve"]] == [0, 2, 3] for run in report["runs"])
     by_config = {run["config"]: run for run in report["runs"]}
     assert by_config["skl+on_policy"]["sources"] == {"dataset": 0, "generate": 3, "replay": 0}
@@ -27,6 +31,7 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
     table = (out / "study.md").read_text()
     assert "| srkl |" in table and "skl better than fkl on test ROUGE-L:" in table
     assert "skl+adaptive better than skl+on_policy on training seconds:" in table
+    assert "skl@cache better than skl on test CE:" in table
     for chart in ("losses.png", "losses_curves.png", "schedules.png", "schedules_curves.png"):
         assert (out / chart).stat().st_size > 10_000, chart
     # A finished run is reused; one run again from scratch gives the same numbers.

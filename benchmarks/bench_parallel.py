@@ -3,6 +3,7 @@ each rank, and its peak RSS during training steps, for 1, 2 and 4 CPU ranks (glo
 
     python benchmarks/bench_parallel.py                      # the rows of RESULTS.md
     python benchmarks/bench_parallel.py --ranks 1 2 --layers 4
+    python benchmarks/bench_parallel.py --ranks 1 --length 1024 --checkpointing off on   # activation checkpointing
 
 The model is a Llama of `--layers` decoder layers, hidden 1024 (intermediate 2816, vocabulary
 32000, tied embeddings), wrapped exactly as the trainer wraps the student (recipe/parallel.py).
@@ -12,6 +13,7 @@ resident set just before it: building the model (whole, on every rank, then shar
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -46,13 +48,17 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distillm_ext.recipe.distributed import init_runtime
+    from distillm_ext.recipe.models import checkpoint_layers
     from distillm_ext.recipe.parallel import shard
 
     runtime = init_runtime()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                                          num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                                         max_position_embeddings=256, tie_word_embeddings=True))
+                                         max_position_embeddings=max(256, args.length), tie_word_embeddings=True))
+    (checkpointing,) = args.checkpointing  # one value in a worker
+    if checkpointing == "on":
+        checkpoint_layers(model)
     forward = model
     if args.parallel == "fsdp":
         shard(model, runtime.device, frozen=False)
@@ -69,14 +75,16 @@ def worker(args) -> None:
         optimizer.zero_grad(set_to_none=True)
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     print(json.dumps({"parallel": args.parallel, "ranks": runtime.world_size, "rank": runtime.rank,
+                      "checkpointing": checkpointing,
                       "parameter_mb": local_bytes(model.parameters()) / 2**20, "gradient_mb": gradients / 2**20,
                       "optimizer_mb": local_bytes(state) / 2**20,
                       "peak_rss_mb": (status_kb("VmHWM") - before_kb) / 1024}), flush=True)
 
 
-def launch(parallel: str, ranks: int, args) -> list[dict]:
+def launch(parallel: str, ranks: int, checkpointing: str, args) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               __file__, "--worker", "--parallel", parallel, "--layers", str(args.layers),
+               __file__, "--worker", "--parallel", parallel, "--checkpointing", checkpointing,
+               "--layers", str(args.layers),
                "--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -92,6 +100,8 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="activation checkpointing of each decoder layer (train.activation_checkpointing)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", choices=PLANS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_parallel.json")
@@ -100,18 +110,19 @@ def main():
         return worker(args)
     rows = []
     for ranks in args.ranks:
-        for parallel in PLANS:
-            per_rank = launch(parallel, ranks, args)
+        for parallel, checkpointing in itertools.product(PLANS, args.checkpointing):
+            per_rank = launch(parallel, ranks, checkpointing, args)
             # the largest rank: what each machine must hold
             row = {k: max(r[k] for r in per_rank) for k in ("parameter_mb", "gradient_mb", "optimizer_mb",
                                                              "peak_rss_mb")}
-            row.update(parallel=parallel, ranks=ranks,
+            row.update(parallel=parallel, ranks=ranks, checkpointing=checkpointing,
                        state_mb=row["parameter_mb"] + row["optimizer_mb"])
             rows.append(row)
     for row in rows:
-        ddp = next(r for r in rows if r["parallel"] == "ddp" and r["ranks"] == row["ranks"])
+        ddp = next(r for r in rows if r["parallel"] == "ddp" and r["ranks"] == row["ranks"]
+                   and r["checkpointing"] == row["checkpointing"])
         row["state_vs_ddp"] = row["state_mb"] / ddp["state_mb"]
-    print_table(rows, [("parallel", "parallel", "{}"), ("ranks", "ranks", "{}"),
+    print_table(rows, [("parallel", "parallel", "{}"), ("ranks", "ranks", "{}"), ("checkpointing", "checkpointing", "{}"),
                        ("parameter_mb", "params MB", "{:.0f}"), ("gradient_mb", "grads MB", "{:.0f}"),
                        ("optimizer_mb", "AdamW MB", "{:.0f}"), ("state_vs_ddp", "params+AdamW / DDP", "{:.3f}"),
                        ("peak_rss_mb", "peak RSS MB (steps)", "{:.0f}")])

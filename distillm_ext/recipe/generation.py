@@ -18,8 +18,7 @@ import contextlib
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .distributed import world_size
-from .parallel import is_sharded
+from .parallel import gathered_for_generation
 
 
 def generation_config(*, max_new_tokens: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
@@ -56,8 +55,6 @@ def _model_settings(model, settings: GenerationConfig):
 @torch.no_grad()
 def generate_with_settings(model, inputs: dict[str, torch.Tensor], settings: GenerationConfig, vocab_size: int) -> torch.Tensor:
     """`model.generate(**inputs)` with `settings` alone, never emitting an id >= vocab_size."""
-    with _model_settings(model, settings):
-        # A sharded model's ranks must run every forward together: all keep stepping until the
-        # longest generation on any rank ends.
-        return model.generate(**inputs, generation_config=settings, synced_gpus=is_sharded(model) and world_size() > 1,
+    with _model_settings(model, settings), gathered_for_generation(model) as in_step:
+        return model.generate(**inputs, generation_config=settings, synced_gpus=in_step,
                               logits_processor=LogitsProcessorList([VocabularyLimit(vocab_size)]))

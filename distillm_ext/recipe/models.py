@@ -5,11 +5,14 @@ Model paths may name the built-in models: "builtin" and "builtin-untuned" teache
 (builtin_teacher.py makes and caches them), and the "builtin" student, the teacher with only
 `keep_layers` of its decoder layers, read from the teacher's files under new names, sharing its
 tokenizer.
+
+The loaders build a model whole (`from_pretrained`), or, with `empty=True` (a plan that
+`loads_shards`: fsdp), on the meta device with the files to read it from; `build_models` then
+has each rank read its own shards once the plan has sharded it (sharded_loading.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .config import BUILTIN, BUILTIN_UNTUNED, NO_TEACHER, Config, ConfigError
+from .sharded_loading import WeightFiles, empty_model, fill_shards, is_empty, read_later, safetensors_files
 
 log = logging.getLogger(__name__)
 
-def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) from a local directory; `role` ("teacher"/"student") names it in errors."""
+def load_causal_lm(path: str, role: str, empty: bool = False) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) from a local directory; `role` ("teacher"/"student") names it in errors.
+    `empty`: the model on the meta device, its weights read later into its shards (sharded_loading)."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"{role}.path {path!r} is not a Hugging Face model directory (no config.json)")
@@ -36,7 +41,10 @@ def load_causal_lm(path: str, role: str) -> tuple[PreTrainedModel, object]:
             f"model (no AutoModelForCausalLM class for it)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        if empty:
+            model = read_later(empty_model(config), WeightFiles(directory))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:  # no weights, a broken file, no tokenizer
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -56,9 +64,9 @@ def model_dir(path: str) -> Path:
     return Path(path)
 
 
-def load_teacher(path: str) -> tuple[PreTrainedModel, object]:
-    """The frozen teacher in eval mode, and its tokenizer."""
-    model, tokenizer = load_causal_lm(str(model_dir(path)), "teacher")
+def load_teacher(path: str, empty: bool = False) -> tuple[PreTrainedModel, object]:
+    """The frozen teacher in eval mode, and its tokenizer (`empty`: see load_causal_lm)."""
+    model, tokenizer = load_causal_lm(str(model_dir(path)), "teacher", empty)
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -91,17 +99,6 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                       f"_no_split_modules and has no base_model.layers")
 
 
-def safetensors_files(directory: Path) -> list[Path]:
-    """A model directory's safetensors files: the sharded set its index names, or the one file."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ConfigError(f"{directory} has no safetensors weights (model.safetensors or an index of shards)")
-
-
 def read_tensors(directory: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """{name: tensor} read from a model directory's safetensors files, where `names` maps each
     wanted name to its name in the files; names the files lack are left out."""
@@ -116,12 +113,13 @@ def read_tensors(directory: Path, names: dict[str, str]) -> dict[str, torch.Tens
     return tensors
 
 
-def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrainedModel:
+def student_from_layers(teacher_dir: Path, keep_layers: list[int], empty: bool = False) -> PreTrainedModel:
     """The teacher of `teacher_dir` with only the decoder layers `keep_layers` (in that order).
 
     The student is built from the teacher's config with fewer layers, and its weights are read
     from the teacher's files under new names: student layer j is teacher layer keep_layers[j].
-    Per-layer config lists (layer_types) are indexed the same way.
+    Per-layer config lists (layer_types) are indexed the same way. `empty`: on the meta device,
+    its weights read later into its shards (sharded_loading), under the same names.
     """
     config = AutoConfig.from_pretrained(teacher_dir)
     n_layers = config.num_hidden_layers
@@ -132,7 +130,10 @@ def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrained
     config.num_hidden_layers = len(keep_layers)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in keep_layers]
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if empty:
+        student = empty_model(config)
+    else:
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     prefix = decoder_layers(student)[0] + "."
 
     def teacher_name(name: str) -> str:  # student layer j is teacher layer keep_layers[j]
@@ -141,7 +142,10 @@ def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrained
         index, rest = name[len(prefix):].split(".", 1)
         return f"{prefix}{keep_layers[int(index)]}.{rest}"
 
-    state = read_tensors(teacher_dir, {name: teacher_name(name) for name in student.state_dict()})
+    renamed = {name: teacher_name(name) for name in student.state_dict()}
+    if empty:
+        return read_later(student, WeightFiles(teacher_dir, renamed)).train()
+    state = read_tensors(teacher_dir, renamed)
     missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied weights (an output embedding that is the input embedding) are saved under one name.
     tied = dict(student.named_parameters(remove_duplicate=False)).keys() - dict(student.named_parameters()).keys()
@@ -151,25 +155,28 @@ def student_from_layers(teacher_dir: Path, keep_layers: list[int]) -> PreTrained
     return student.train().requires_grad_(True)
 
 
-def load_student(path: str, keep_layers: list[int], teacher_path: str, teacher_tokenizer=None):
+def load_student(path: str, keep_layers: list[int], teacher_path: str, teacher_tokenizer=None, empty: bool = False):
     """(student in train mode, its tokenizer). "builtin" is the teacher with only `keep_layers`
-    of its layers; a student of its own must have the teacher's tokenizer, when there is one."""
+    of its layers; a student of its own must have the teacher's tokenizer, when there is one.
+    `empty`: see load_causal_lm."""
     if path == BUILTIN:
         if teacher_path == NO_TEACHER:
             raise ConfigError('student.path "builtin" is the teacher with fewer layers, and there is no teacher '
                               '(teacher.path=none); name the model to train, e.g. student.path=builtin-untuned')
         directory = model_dir(teacher_path)
-        return student_from_layers(directory, keep_layers), teacher_tokenizer or AutoTokenizer.from_pretrained(directory)
-    student, tokenizer = load_causal_lm(str(model_dir(path)), "student")
+        return (student_from_layers(directory, keep_layers, empty),
+                teacher_tokenizer or AutoTokenizer.from_pretrained(directory))
+    student, tokenizer = load_causal_lm(str(model_dir(path)), "student", empty)
     if teacher_tokenizer is not None:
         check_same_tokenizer(teacher_tokenizer, tokenizer)
     return student.train(), tokenizer
 
 
-def build_student(config: Config, teacher_tokenizer=None, resume_from: Optional[Path] = None):
+def build_student(config: Config, teacher_tokenizer=None, resume_from: Optional[Path] = None, empty: bool = False):
     """(student in train mode, its tokenizer): config.student, or `resume_from`'s model/ when
     resuming. With LoRA (student.lora_r > 0) it is the configured base with an adapter, fresh or
-    `resume_from`'s (lora.py); only the adapter trains."""
+    `resume_from`'s (lora.py); only the adapter trains. `empty` (see load_causal_lm) applies to
+    full training: a LoRA student is loaded whole, its adapter initialized as in one process."""
     from .lora import add_lora, is_adapter, load_lora
 
     lora = config.student.lora_r > 0
@@ -178,10 +185,10 @@ def build_student(config: Config, teacher_tokenizer=None, resume_from: Optional[
         raise ConfigError(f"--resume: {resume_from} holds {saved}, and student.lora_r is {config.student.lora_r} "
                           f"now; resume with the run's own student settings")
     if resume_from is not None and not lora:
-        student, tokenizer = load_causal_lm(str(resume_from / "model"), "student")
+        student, tokenizer = load_causal_lm(str(resume_from / "model"), "student", empty)
         return student.train(), tokenizer
     student, tokenizer = load_student(config.student.path, config.student.keep_layers, config.teacher.path,
-                                      teacher_tokenizer)
+                                      teacher_tokenizer, empty and not lora)
     if not lora:
         return student, tokenizer
     if resume_from is not None:
@@ -243,23 +250,30 @@ def checkpoint_layers(student: nn.Module) -> None:
     if not getattr(lm, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.activation_checkpointing: the student ({type(lm).__name__}) does not support "
                           f"it in transformers; set it to false")
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16: bool = False) -> Models:
     """The teacher (None when `needs_live_teacher` says so) and the student of `config`, placed
     by the parallel plan `plan`: the student from `resume_from`'s model/ when resuming. `bf16`:
-    the run computes in bfloat16 (train.bf16 on CUDA), the teacher's default dtype then."""
+    the run computes in bfloat16 (train.bf16 on CUDA), the teacher's default dtype then.
+
+    When the plan shards (`plan.loads_shards`), both are built empty, sharded, and then filled:
+    each rank reads only its own shards from the files (sharded_loading.py)."""
+    empty = plan.loads_shards
     teacher, tokenizer = None, None
     output_rows = []  # of each model, or of the teacher as its cache recorded it
     if needs_live_teacher(config):
-        teacher, tokenizer = load_teacher(config.teacher.path)
+        teacher, tokenizer = load_teacher(config.teacher.path, empty)
         output_rows.append(teacher.get_output_embeddings().weight.shape[0])
     elif config.teacher.cache:
         from .teacher_cache import read_manifest
 
         output_rows.append(read_manifest(config.teacher.cache)["teacher"]["output_rows"])
-    student, student_tokenizer = build_student(config, tokenizer, resume_from)
+    student, student_tokenizer = build_student(config, tokenizer, resume_from, empty)
     tokenizer = tokenizer or student_tokenizer
     if teacher is not None:
         teacher.to(teacher_dtype(config, bf16))
@@ -270,4 +284,7 @@ def build_models(config: Config, plan, resume_from: Optional[Path] = None, bf16:
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model outputs only {vocab_size}")
     student_forward = plan.wrap(student, teacher)
+    for model in (teacher, student):
+        if model is not None and is_empty(model):
+            fill_shards(model, plan.runtime.device)
     return Models(teacher, student, student_forward, tokenizer, vocab_size)

@@ -9,11 +9,14 @@ micro-batch, the global gradient norm, and the checkpoint's model and optimizer 
 - fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`) per decoder layer and at the root, for the
   student and for the frozen teacher, so parameters, gradients and AdamW state are split over
   the ranks. A layer's parameters are gathered for its forward (and the student's again for its
-  backward) and freed after. The teacher's root (embeddings, final norm, output embedding)
-  stays gathered from its forward to the end of the micro-batch's loss, which reads its output
-  embedding, and is freed in `after_micro_batch`: one gather per micro-batch, not one per loss
-  chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients in
-  float32 (MixedPrecisionPolicy); on CPU everything is float32.
+  backward) and freed after. The teacher's output embedding (its root, when tied to the input
+  embedding; a group of its own otherwise) stays gathered from its forward to the end of the
+  micro-batch's loss, which reads it, and is freed in `after_micro_batch`: one gather per
+  micro-batch, not one per loss chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients in
+  float32 (MixedPrecisionPolicy); on CPU everything is float32. Both models are built empty
+  and sharded before any weight is read; each rank then reads only its own shards
+  (`loads_shards`, sharded_loading.py). Generation gathers the student once per call
+  (`gathered_for_generation`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class CheckpointState:
 
 
 class ParallelPlan(Protocol):
+    runtime: Runtime
+    loads_shards: bool  # the models are built empty and each rank reads its own shards once wrapped
+
     def wrap(self, student: nn.Module, teacher: Optional[nn.Module]) -> nn.Module:
         """Places (and wraps or shards) both models (the teacher may be None), in place; returns
         what the student's training forwards go through."""
@@ -67,6 +73,8 @@ class ParallelPlan(Protocol):
 
 class Replicated:
     """ddp: whole models on every rank (see the module docstring)."""
+
+    loads_shards = False
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -103,6 +111,8 @@ class Replicated:
 class Sharded:
     """fsdp: FSDP2 over every rank of the launch (see the module docstring)."""
 
+    loads_shards = True
+
     def __init__(self, runtime: Runtime, bf16: bool = False):
         if "WORLD_SIZE" not in os.environ:  # nothing to shard over: most likely torchrun was forgotten
             raise ConfigError("train.parallel=fsdp shards over the processes of a torchrun launch; start it with "
@@ -116,9 +126,9 @@ class Sharded:
 
         device = self.runtime.device
         if teacher is not None:
-            self.teacher = shard(teacher.to(device), device, frozen=True)
+            self.teacher = shard(teacher, device, frozen=True)
             register_fsdp_forward_method(teacher, "generate")  # generation runs outside forward()
-        self.student = shard(student.to(device), device, frozen=False, bf16=self.bf16)
+        self.student = shard(student, device, frozen=False, bf16=self.bf16)
         register_fsdp_forward_method(student, "generate")
         return student
 
@@ -131,8 +141,8 @@ class Sharded:
             self.student.set_requires_gradient_sync(True)
 
     def after_micro_batch(self) -> None:
-        if self.teacher is not None:
-            self.teacher.reshard()  # the loss has read the teacher root's output embedding
+        if self.teacher is not None:  # the loss has read the teacher's output embedding
+            reshard_all(self.teacher)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # A DTensor: the norm over every rank's shards, which full_tensor() all-reduces.
@@ -158,14 +168,56 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module):
+    """Around a `generate` call, which runs one forward per token; yields whether the ranks must
+    run every forward together (`generate(synced_gpus=...)`).
+
+    A sharded model that trains (the student: the small model) is gathered whole once, before
+    the call, and freed after, instead of every layer once per token; its forwards then need no
+    other rank, so each rank stops at its own last token. A frozen sharded teacher, which may not
+    fit whole on a rank, keeps gathering layer by layer, so its ranks step together until the
+    longest generation on any rank ends. An unsharded model is left as it is."""
+    if not is_sharded(model):
+        yield False
+        return
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        yield torch.distributed.get_world_size() > 1
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    model.set_reshard_after_forward(False)
+    for module in model.modules():  # every rank gathers every group, here, together
+        if isinstance(module, FSDPModule):
+            module.unshard()
+    try:
+        yield False
+    finally:
+        reshard_all(model)
+        # What fully_shard chose: the layers reshard after forward, the root does not (its
+        # backward follows at once).
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Frees every gathered parameter group of a sharded model (its root's and its modules')."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def make_plan(name: str, runtime: Runtime, bf16: bool = False) -> ParallelPlan:
     """The plan of train.parallel `name` (its config type lists the names)."""
     return Sharded(runtime, bf16) if name == "fsdp" else Replicated(runtime)
 
 
 def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = False) -> nn.Module:
-    """fully_shard per decoder layer, then at the root (in place; returns the model). `bf16`: a
-    trained model computes in bfloat16 and reduces its gradients in float32."""
+    """fully_shard per decoder layer, then at the root (in place; returns the model), on `device`
+    (a model on the meta device stays there, for sharded_loading.fill_shards). `bf16`: a trained
+    model computes in bfloat16 and reduces its gradients in float32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -176,9 +228,19 @@ def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = Fal
     # A bool, never an int, for the teacher: an int keeps a second copy of every layer gathered
     # between forward and (never coming) backward (pytorch#147179). It cannot be changed after
     # wrapping (pytorch#149029), so it is chosen here once.
+    if not any(parameter.is_meta for parameter in model.parameters()):
+        model.to(device)
     _, layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **options)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if frozen and head is not None and head.weight is not embeddings.weight:
+        # Untied, each embedding is a group of its own, so that the teacher never holds both
+        # whole, nor gathers both at once (a gather briefly holds a group twice): the input
+        # embedding is freed after its forward; the output embedding stays gathered from its
+        # forward until `Sharded.after_micro_batch`, as the loss reads it.
+        fully_shard(embeddings, reshard_after_forward=True, **options)
+        fully_shard(head, reshard_after_forward=False, **options)
     fully_shard(model, **options)
     return model
 

@@ -39,14 +39,12 @@ RANK = """
 import json, os, sys
 from pathlib import Path
 from distillm_ext.recipe.config import load_config
-from distillm_ext.recipe.memory import return_large_blocks_to_the_system
 from distillm_ext.recipe.trainer import Trainer
 
 def status_mb(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
-return_large_blocks_to_the_system()  # as the distillm command does
 trainer = Trainer(load_config(None, sys.argv[1:]), overwrite=True)
 loading = status_mb("VmHWM")
 # SGO's generation: 2 prompts of 32 tokens per rank, 32 new tokens each, greedy.

@@ -19,7 +19,6 @@ from typing import Optional
 
 from .config import NO_TEACHER, SFT_SETTINGS, ConfigError, describe, load_config
 from .distributed import shutdown
-from .memory import return_large_blocks_to_the_system
 
 EXAMPLES = """\
 examples:
@@ -200,7 +199,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    return_large_blocks_to_the_system()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -4,6 +4,7 @@ loading and while training, and tokens/s, for one process against 2 ranks under 
 
     python benchmarks/bench_scale.py                     # the table of RESULTS.md (~20 min)
     python benchmarks/bench_scale.py --configs one fsdp  # some rows only
+    python benchmarks/bench_scale.py --configs one one+lora fsdp fsdp+lora --out ...  # LoRA against full
 
 The models are random-weight Llamas written once to --models (safetensors, the teacher in
 several files): the teacher of hidden 2048, 16 layers, vocabulary 49152 (the built-in
@@ -12,7 +13,8 @@ tied (~0.24B). Every run is `distillm train` on the built-in data, through the c
 (under torchrun for 2 ranks), with a hook that reads each rank's peak RSS (VmHWM) once the models
 and data are loaded, then resets it, and reads it again after the steps. tokens/s is the median of
 the logged steps after the first. "generate s" times one SGO-style `generate` of the student
-(2 prompts of 32 tokens per rank, 32 new tokens), before the steps.
+(2 prompts of 32 tokens per rank, 32 new tokens), before the steps. The LoRA rows (r = 16,
+all-linear) load the student whole before sharding it.
 """
 
 import argparse
@@ -32,6 +34,8 @@ CONFIGS = {
     "fsdp": (2, ["train.parallel=fsdp"]),
     "fsdp+bf16-teacher": (2, ["train.parallel=fsdp", "teacher.dtype=bfloat16"]),
     "fsdp+checkpointing": (2, ["train.parallel=fsdp", "train.activation_checkpointing=true"]),
+    "one+lora": (1, ["student.lora_r=16"]),
+    "fsdp+lora": (2, ["train.parallel=fsdp", "student.lora_r=16"]),
 }
 
 # One rank of `distillm train`: the models and data load in Trainer(), the steps run in fit().
@@ -59,7 +63,11 @@ generate_with_settings(trainer.student, prompts, settings, trainer.vocab_size)
 generation_s = time.perf_counter() - started
 Path("/proc/self/clear_refs").write_text("5")  # the high-water mark from here on
 trainer.fit()
+trainable = sum(p.numel() for p in trainer.student.parameters() if p.requires_grad)  # DTensors: global sizes
+adamw = sum(getattr(v, "_local_tensor", v).nbytes for state in trainer.optimizer.state.values()
+            for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
 print("RANK " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "loading_mb": loading,
+                            "trainable_m": trainable / 1e6, "adamw_mb": adamw / 2**20,
                             "steps_mb": status_mb("VmHWM"), "generation_s": generation_s}), flush=True)
 """
 
@@ -110,6 +118,7 @@ def run(name: str, teacher: Path, student: Path, args) -> dict:
     per_rank = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("RANK ")]
     return {"config": name, "ranks": ranks, "tokens_per_s": training_tokens_per_s(run_dir, skip=1),
             "generation_s": max(r["generation_s"] for r in per_rank),
+            "trainable_m": per_rank[0]["trainable_m"], "adamw_mb": max(r["adamw_mb"] for r in per_rank),
             "loading_mb": max(r["loading_mb"] for r in per_rank), "steps_mb": max(r["steps_mb"] for r in per_rank),
             "per_rank": per_rank}
 
@@ -135,6 +144,7 @@ def main():
     print_table(rows, [("config", "config", "{}"), ("ranks", "ranks", "{}"),
                        ("loading_mb", "peak RSS/rank MB (loading)", "{:.0f}"),
                        ("steps_mb", "peak RSS/rank MB (steps)", "{:.0f}"),
+                       ("trainable_m", "trainable M", "{:.1f}"), ("adamw_mb", "AdamW MB/rank", "{:.0f}"),
                        ("peak_vs_one", "peak/rank vs 1 process", "{:.2f}"), ("total_mb", "all ranks MB", "{:.0f}"),
                        ("tokens_per_s", "tokens/s", "{:.0f}"), ("generation_s", "generate s", "{:.1f}"),
                        ("error", "error", "{}")])

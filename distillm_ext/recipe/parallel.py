@@ -12,11 +12,11 @@ micro-batch, the global gradient norm, and the checkpoint's model and optimizer 
   backward) and freed after. The teacher's output embedding (its root, when tied to the input
   embedding; a group of its own otherwise) stays gathered from its forward to the end of the
   micro-batch's loss, which reads it, and is freed in `after_micro_batch`: one gather per
-  micro-batch, not one per loss chunk. With train.bf16 on CUDA the student computes in bfloat16 and reduces gradients in
-  float32 (MixedPrecisionPolicy); on CPU everything is float32. Both models are built empty
-  and sharded before any weight is read; each rank then reads only its own shards
-  (`loads_shards`, sharded_loading.py). Generation gathers the student once per call
-  (`gathered_for_generation`).
+  micro-batch, not one per loss chunk. With train.bf16 on CUDA the student computes in
+  bfloat16 and reduces gradients in float32 (MixedPrecisionPolicy); on CPU everything is
+  float32. Both models are built empty and sharded before any weight is read; each rank then
+  reads only its own shards (`loads_shards`, sharded_loading.py). Generation gathers the
+  student once per call (`gathered_for_generation`).
 """
 
 from __future__ import annotations
@@ -182,7 +182,10 @@ def gathered_for_generation(model: nn.Module):
         yield False
         return
     if not any(parameter.requires_grad for parameter in model.parameters()):
-        yield torch.distributed.get_world_size() > 1
+        try:
+            yield torch.distributed.get_world_size() > 1
+        finally:
+            reshard_all(model)  # its output embedding stays gathered after a forward
         return
     from torch.distributed.fsdp import FSDPModule
 
@@ -225,11 +228,11 @@ def shard(model: nn.Module, device: torch.device, frozen: bool, bf16: bool = Fal
     options = {"mesh": mesh}
     if bf16 and not frozen:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if not any(parameter.is_meta for parameter in model.parameters()):
+        model.to(device)
     # A bool, never an int, for the teacher: an int keeps a second copy of every layer gathered
     # between forward and (never coming) backward (pytorch#147179). It cannot be changed after
     # wrapping (pytorch#149029), so it is chosen here once.
-    if not any(parameter.is_meta for parameter in model.parameters()):
-        model.to(device)
     _, layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **options)

@@ -37,6 +37,9 @@ def main(out: str, overrides: list[str]) -> None:
     result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if runtime.is_main:
         torch.save(result, out)
+    # No rank leaves while another still has gloo work in flight (a rank aborts otherwise:
+    # "terminate called without an active exception").
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

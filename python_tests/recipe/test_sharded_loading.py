@@ -3,6 +3,7 @@ it ends with are bitwise those of from_pretrained, for tied and untied embedding
 and multi-file checkpoints, the built-in student's renamed layers and a bfloat16 teacher; a
 missing or truncated file is a one-line error that names it."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -118,12 +119,16 @@ def test_an_untied_teacher_trains_sharded_as_in_one_process(tiny, tmp_path):
     assert_same_run(one, two, 3)
 
 
-def test_sharded_students_generate_on_policy(tiny, tmp_path):
+def test_sharded_models_generate(tiny, tmp_path):
     """Every step on fresh student outputs under fsdp: the student is gathered once per generate
-    call, each rank stops at its own last token, and training goes on sharded after it."""
+    call, each rank stops at its own last token, and training goes on sharded after it; the
+    (untied) teacher answers the evaluation layer by layer, its ranks in step."""
+    teacher_dir = save_model(tmp_path / "teacher", tied=False)
     run = tmp_path / "run"
-    _run(torchrun(*CLI, *overrides(tiny, run, train__parallel="fsdp", train__max_steps=3, sgo__mode="on_policy",
-                                   eval__max_new_tokens=6)))
+    _run(torchrun(*CLI, *overrides(tiny, run, teacher__path=teacher_dir, train__parallel="fsdp", train__max_steps=3,
+                                   sgo__mode="on_policy", eval__max_new_tokens=6, eval__teacher=True)))
     records = train_records(run)
     assert [r["source"] for r in records] == ["generate"] * 3
     assert all(math.isfinite(r["loss"]) for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher"]["rougeL"] >= 0 and summary["student_after"]["rougeL"] >= 0

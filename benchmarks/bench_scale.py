@@ -1,15 +1,15 @@
-"""Scale: distilling a ~1B teacher into a ~0.25B student on 2 CPU ranks. Peak RSS per rank while
+"""Scale: distilling a ~1B teacher into a ~0.24B student on 2 CPU ranks. Peak RSS per rank while
 loading and while training, and tokens/s, for one process against 2 ranks under ddp and fsdp
-(fsdp also with a bfloat16 teacher, and with activation checkpointing).
+(fsdp also with a bfloat16 teacher, with activation checkpointing, and with a LoRA student).
 
-    python benchmarks/bench_scale.py                     # the table of RESULTS.md (~20 min)
+    python benchmarks/bench_scale.py                     # every row of RESULTS.md (~25 min on 2 cores)
     python benchmarks/bench_scale.py --configs one fsdp  # some rows only
     python benchmarks/bench_scale.py --configs one one+lora fsdp fsdp+lora --out ...  # LoRA against full
 
 The models are random-weight Llamas written once to --models (safetensors, the teacher in
 several files): the teacher of hidden 2048, 16 layers, vocabulary 49152 (the built-in
-tokenizer's), untied (~0.93B parameters, 3.7 GB in float32); the student of hidden 1024, 12 layers,
-tied (~0.24B). Every run is `distillm train` on the built-in data, through the code the CLI runs
+tokenizer's), untied (0.92B parameters, 3.7 GB in float32); the student of hidden 1024, 16 layers,
+tied (0.24B). Every run is `distillm train` on the built-in data, through the code the CLI runs
 (under torchrun for 2 ranks), with a hook that reads each rank's peak RSS (VmHWM) once the models
 and data are loaded, then resets it, and reads it again after the steps. tokens/s is the median of
 the logged steps after the first. "generate s" times one SGO-style `generate` of the student

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .config import BUILTIN, BUILTIN_UNTUNED, NO_TEACHER, Config, ConfigError
-from .sharded_loading import WeightFiles, empty_model, fill_shards, is_empty, read_later, safetensors_files
+from .sharded_loading import (WeightFiles, empty_model, fill_shards, is_empty, read_later, safetensors_files,
+                              tied_aliases)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def student_from_layers(teacher_dir: Path, keep_layers: list[int], empty: bool =
     state = read_tensors(teacher_dir, renamed)
     missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied weights (an output embedding that is the input embedding) are saved under one name.
-    tied = dict(student.named_parameters(remove_duplicate=False)).keys() - dict(student.named_parameters()).keys()
+    tied = tied_aliases(student)
     if set(missing) - tied or unexpected:
         raise ConfigError(f"student.keep_layers: the teacher's files in {teacher_dir} lack "
                           f"{sorted(set(missing) - tied)[:3]} for the student")

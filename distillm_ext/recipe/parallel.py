@@ -34,6 +34,7 @@ from .checkpoint import SHARDED_DIR
 from .config import ConfigError
 from .distributed import Runtime
 from .models import decoder_layers
+from .sharded_loading import without_tied_aliases
 
 
 @dataclass
@@ -263,9 +264,5 @@ def full_model_state(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # Tied weights (an output embedding that is the input embedding) come back as two tensors;
-    # keep the first name only, as save_pretrained does for an unsharded model.
-    every = dict(model.named_parameters(remove_duplicate=False))
-    for alias in every.keys() - dict(model.named_parameters()).keys():
-        state.pop(alias, None)
-    return state
+    # Tied weights come back as two tensors; keep the first name only, as save_pretrained does.
+    return without_tied_aliases(model, state)

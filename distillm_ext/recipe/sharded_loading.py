@@ -87,14 +87,22 @@ def is_empty(model: nn.Module) -> bool:
     return getattr(model, _PENDING, None) is not None
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """The second names of tied parameters (an output embedding that is the input embedding),
+    which save_pretrained does not write: the files hold each parameter once."""
+    return dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
+
+
+def without_tied_aliases(model: nn.Module, state: dict) -> dict:
+    """`state` (a state dict of `model`) without the names in `tied_aliases`."""
+    aliases = tied_aliases(model)
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
+
+
 def loadable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as the files hold it: tied aliases left out (the files hold one
-    name, the parameter is one) and non-persistent buffers absent (state_dict leaves them out)."""
-    state = model.state_dict()
-    every = dict(model.named_parameters(remove_duplicate=False))
-    for alias in every.keys() - dict(model.named_parameters()).keys():
-        state.pop(alias, None)
-    return state
+    """The model's state dict as the files hold it: each tied parameter once, and no
+    non-persistent buffers (state_dict leaves them out)."""
+    return without_tied_aliases(model, model.state_dict())
 
 
 def fill_shards(model: nn.Module, device: torch.device) -> None:
@@ -104,9 +112,8 @@ def fill_shards(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     files: WeightFiles = getattr(model, _PENDING)
-    state = loadable_state(model)
-    wanted = {files.name_in_files(name): tensor for name, tensor in state.items()}
-    missing = sorted(wanted.keys() - tensor_names(files.directory))
+    wanted = {files.name_in_files(name) for name in loadable_state(model)}
+    missing = sorted(wanted - tensor_names(files.directory))
     if missing:
         raise ConfigError(f"{files.directory}: the weights lack {len(missing)} tensors the model needs, "
                           f"e.g. {missing[:3]}")

@@ -16,7 +16,7 @@ from tiny_models import make_model, make_tokenizer, overrides
 
 from distillm_ext.recipe.config import ConfigError
 from distillm_ext.recipe.models import load_teacher, student_from_layers
-from distillm_ext.recipe.sharded_loading import fill_shards
+from distillm_ext.recipe.sharded_loading import fill_shards, loadable_state
 
 WORKER = Path(__file__).with_name("sharded_load_worker.py")
 
@@ -32,15 +32,6 @@ def save_model(directory: Path, tied: bool, layers: int = 4, seed: int = 0, max_
     return directory
 
 
-def expected_state(model) -> dict:
-    """The state dict as save_pretrained writes it: a tied output embedding once."""
-    state = model.state_dict()
-    every = dict(model.named_parameters(remove_duplicate=False))
-    for alias in every.keys() - dict(model.named_parameters()).keys():
-        state.pop(alias)
-    return state
-
-
 def load_sharded(tiny, tmp_path, **settings) -> dict:
     out = tmp_path / "loaded.pt"
     _run(torchrun(str(WORKER), str(out), *overrides(tiny, tmp_path / "run", **settings)))
@@ -48,7 +39,7 @@ def load_sharded(tiny, tmp_path, **settings) -> dict:
 
 
 def assert_bitwise(loaded: dict, expected_model) -> None:
-    expected = expected_state(expected_model)
+    expected = loadable_state(expected_model)  # as save_pretrained writes it: a tied embedding once
     assert loaded["state"].keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(loaded["state"][name], tensor), name

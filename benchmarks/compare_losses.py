@@ -57,12 +57,13 @@ CONFIGURATIONS = {
     # so that it fills, and replay happens, within the run.
     "skl+on_policy": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=on_policy"],
     "skl+adaptive": ["loss.type=skl", "loss.kd_ratio=1", "sgo.mode=adaptive", "sgo.buffer_size=64"],
+    "srkl+adaptive": ["loss.type=srkl", "loss.kd_ratio=1", "sgo.mode=adaptive", "sgo.buffer_size=64"],
 }
 CACHED = "skl@cache"  # skl from the --teacher-cache top-k cache instead of the live teacher
 CONFIGURATIONS[CACHED] = CONFIGURATIONS["skl"]
 LOSS_STUDY = (*LOSSES, "gold")
 CACHE_STUDY = ("skl", CACHED)
-SCHEDULE_STUDY = ("skl", "skl+on_policy", "skl+adaptive")
+SCHEDULE_STUDY = ("skl", "skl+on_policy", "skl+adaptive", "srkl", "srkl+adaptive")
 SKEWED = ("skl", "srkl")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (for paired differences over seeds).
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
@@ -88,6 +89,19 @@ def warm_start(args) -> Path:
         run_distillm(["train", "--overwrite", *args.set, "loss.kd_ratio=0", f"train.max_steps={args.warm_start_steps}",
                       "eval.teacher=false", "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
     return model
+
+
+def reference_scores(args, student: Path) -> dict:
+    """Test scores of the teacher and of the warm-started student, the two ends of the gap each
+    configuration closes a share of (scored once, cached beside the runs)."""
+    scores = {}
+    for name, model in (("teacher", "teacher"), ("before", str(student))):
+        output = args.out / f"{name}_test_scores.json"
+        if not output.is_file():
+            run_distillm(["eval", "--model", model, "--split", "test", "--output", str(output), *args.set,
+                          f"eval.num_examples={args.test_examples}"])
+        scores[name] = json.loads(output.read_text())
+    return scores
 
 
 def train_and_score(name: str, seed: int, student: Path, args) -> dict:
@@ -127,8 +141,16 @@ def mean_val_loss(result: dict) -> float:
     return statistics.mean(loss for step, loss in result["curve"] if step > 0)
 
 
-def summarize(results: list[dict], names) -> list[dict]:
-    """Per configuration: mean, standard deviation and per-seed values of each score."""
+def gap_recovered(score: float, references: dict, key: str) -> float:
+    """The share of the teacher's lead over the warm-started student that `score` recovers:
+    (student - before) / (teacher - before), for the test score `key` (val_loss or rougeL)."""
+    before, teacher = references["before"][key], references["teacher"][key]
+    return (score - before) / (teacher - before)
+
+
+def summarize(results: list[dict], names, references: dict) -> list[dict]:
+    """Per configuration: mean, standard deviation and per-seed values of each score, and the
+    share of the teacher's gap its mean recovers."""
     rows = []
     for name in names:
         mine = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
@@ -142,6 +164,8 @@ def summarize(results: list[dict], names) -> list[dict]:
             row[key] = statistics.mean(values)
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row[f"{key}_seeds"] = values
+        row["gap_test_loss"] = gap_recovered(row["test_loss"], references, "val_loss")
+        row["gap_rouge_l"] = gap_recovered(row["rouge_l"], references, "rougeL")
         rows.append(row)
     return rows
 
@@ -154,8 +178,8 @@ LABELS = {"rouge_l": "test ROUGE-L", "test_loss": "test CE", "curve_loss": "mean
 
 
 def paired(results: list[dict], better: str, worse: str, key, higher_is_better: bool) -> dict:
-    """`better` minus `worse` per seed (sign so that > 0 favours `better`), and whether the mean
-    difference is non-zero at 95% (paired t-test over the seeds both ran)."""
+    """`better` minus `worse` per seed (sign so that > 0 favours `better`), its 95% confidence
+    interval, and whether the mean difference is non-zero at 95% (paired t over the seeds both ran)."""
     by_seed = {(r["config"], r["seed"]): key(r) for r in results}
     seeds = sorted(s for (c, s) in by_seed if c == better and (worse, s) in by_seed)
     diffs = [(by_seed[(better, s)] - by_seed[(worse, s)]) * (1 if higher_is_better else -1) for s in seeds]
@@ -163,9 +187,16 @@ def paired(results: list[dict], better: str, worse: str, key, higher_is_better: 
         return {"mean": diffs[0] if diffs else math.nan, "n": len(diffs), "verdict": "too few seeds"}
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    significant = abs(t) > T_975.get(len(diffs) - 1, 2.0)
+    critical = T_975.get(len(diffs) - 1, 2.0)
+    significant = abs(t) > critical
     verdict = ("holds" if mean > 0 else "contradicted") if significant else "not resolved (within seed noise)"
-    return {"mean": mean, "sd": sd, "n": len(diffs), "t": t, "verdict": verdict}
+    half_width = critical * sd / math.sqrt(len(diffs))
+    return {"mean": mean, "sd": sd, "n": len(diffs), "t": t, "ci": [mean - half_width, mean + half_width],
+            "verdict": verdict}
+
+
+def interval(p: dict) -> str:
+    return f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if "ci" in p else f"{p['mean']:+.3f} (n = {p['n']})"
 
 
 def claims(results: list[dict], comparisons) -> list[str]:
@@ -176,7 +207,7 @@ def claims(results: list[dict], comparisons) -> list[str]:
             p = paired(results, better, worse, MEASURES[key], HIGHER_IS_BETTER[key])
             if p["n"]:
                 lines.append(f"{better} better than {worse} on {LABELS[key]}: {p['verdict']} "
-                             f"(advantage {p['mean']:+.3f}, sd {p.get('sd', math.nan):.3f} over {p['n']} seeds)")
+                             f"(advantage {interval(p)}, 95% CI, over {p['n']} seeds)")
     return lines
 
 
@@ -189,8 +220,25 @@ def loss_claims(results: list[dict]) -> list[str]:
 def schedule_claims(results: list[dict]) -> list[str]:
     """The paper: adaptive SGOs beat plain KD and match on-policy at a fraction of its time."""
     return claims(results, [("skl+adaptive", "skl", ("rouge_l", "test_loss")),
+                            ("srkl+adaptive", "srkl", ("rouge_l", "test_loss")),
                             ("skl+adaptive", "skl+on_policy", ("rouge_l", "test_loss", "train_s")),
                             ("skl+on_policy", "skl", ("rouge_l", "test_loss"))])
+
+
+BASELINES = ("gold", "fkl", "skl")
+
+
+def differences(results: list[dict], names) -> str:
+    """Each configuration minus each baseline, paired over seeds, with 95% CIs (> 0 favours the row)."""
+    present = {r["config"] for r in results}
+    baselines = [b for b in BASELINES if b in present]
+    header = [f"{LABELS[key]} vs {b}" for key in ("test_loss", "rouge_l") for b in baselines]
+    lines = ["| configuration | " + " | ".join(header) + " |", "| --- " * (1 + len(header)) + "|"]
+    for name in names:
+        cells = [interval(paired(results, name, b, MEASURES[key], HIGHER_IS_BETTER[key])) if name != b else "—"
+                 for key in ("test_loss", "rouge_l") for b in baselines]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def cache_claims(results: list[dict]) -> list[str]:
@@ -201,12 +249,13 @@ def cache_claims(results: list[dict]) -> list[str]:
 def markdown(title: str, rows: list[dict], statements: list[str], schedules: bool) -> str:
     extra = " | training s | φ at the end | steps data/generate/replay" if schedules else ""
     lines = [f"### {title}", "",
-             f"| configuration | test ROUGE-L | test CE (nats/token) | mean val loss (convergence){extra} | "
-             f"ROUGE-L per seed |", "| --- " * (5 + 3 * schedules) + "|"]
+             f"| configuration | test ROUGE-L | test CE (nats/token) | gap recovered, CE / ROUGE-L | "
+             f"mean val loss (convergence){extra} | ROUGE-L per seed |", "| --- " * (6 + 3 * schedules) + "|"]
     for row in rows:
         per_seed = ", ".join(f"{v:.2f}" for v in row["rouge_l_seeds"])
         cells = [row["config"], f"{row['rouge_l']:.2f} ± {row['rouge_l_sd']:.2f}",
                  f"{row['test_loss']:.4f} ± {row['test_loss_sd']:.4f}",
+                 f"{row['gap_test_loss']:.0%} / {row['gap_rouge_l']:.0%}",
                  f"{row['curve_loss']:.4f} ± {row['curve_loss_sd']:.4f}"]
         if schedules:
             sources = row["sources"]
@@ -249,19 +298,28 @@ def plot(rows: list[dict], results: list[dict], out: Path, name: str) -> None:
     plt.close("all")
 
 
-def report(results: list[dict], meta: dict, out: Path) -> str:
+def report(results: list[dict], references: dict, meta: dict, out: Path) -> str:
     """results.json, study.md and the charts of both studies (each only if any of its runs ran)."""
-    sections, summary = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", ""], {}
+    teacher, before = references["teacher"], references["before"]
+    sections = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", "",
+                f"Test scores, the ends of the gap: teacher CE {teacher['val_loss']:.4f}, ROUGE-L "
+                f"{teacher['rougeL']:.2f}; warm-started student CE {before['val_loss']:.4f}, ROUGE-L "
+                f"{before['rougeL']:.2f}.", ""]
+    summary = {}
     for name, title, names, statements in (("losses", "Which loss?", LOSS_STUDY, loss_claims),
-                                           ("schedules", "Which schedule? (all skl)", SCHEDULE_STUDY, schedule_claims),
+                                           ("schedules", "Which schedule? (skl and srkl)", SCHEDULE_STUDY, schedule_claims),
                                            ("cache", "Live teacher or its top-k cache? (skl)", CACHE_STUDY,
                                             cache_claims)):
-        rows = summarize(results, names)
+        rows = summarize(results, names, references)
         if len(rows) > 1:  # a study of one configuration (skl alone, shared) compares nothing
             summary[name] = rows
             sections.append(markdown(title, rows, statements(results), schedules=name == "schedules"))
             plot(rows, results, out, name)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "studies": summary, "runs": results}, indent=1) + "\n")
+    configs = [name for name in CONFIGURATIONS if any(r["config"] == name for r in results)]
+    sections += ["### Paired differences against the baselines (95% CI over seeds; > 0 favours the row)", "",
+                 differences(results, configs)]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "references": references, "studies": summary,
+                                                  "runs": results}, indent=1) + "\n")
     text = "\n".join(sections)
     (out / "study.md").write_text(text)
     return text
@@ -294,6 +352,7 @@ def main(argv=None) -> None:
         args.set = [*args.set, "eval.max_new_tokens=8", "eval.batch_size=8"]
     args.out.mkdir(parents=True, exist_ok=True)
     student = warm_start(args)
+    references = reference_scores(args, student)
     results = []
     for seed in args.seeds:
         for name in args.configs:
@@ -303,7 +362,7 @@ def main(argv=None) -> None:
                   f"mean val loss {mean_val_loss(r):.4f}", flush=True)
     command = " ".join(["python benchmarks/compare_losses.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {**environment(), "machine": machine(), "command": command, **{k: str(v) for k, v in vars(args).items()}}
-    print(report(results, meta, args.out))
+    print(report(results, references, meta, args.out))
 
 
 if __name__ == "__main__":

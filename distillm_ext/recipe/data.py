@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -108,24 +109,27 @@ def load_examples(source: str, split: str, prompt_field: str = "prompt", respons
     return examples
 
 
-def render_prompt(tokenizer, template: str, prompt: str) -> list[int]:
-    """Token ids of the prompt as the model sees it before its answer."""
+def render_prompt(tokenizer, template: str, prompt: str, system_prompt: Optional[str] = None) -> list[int]:
+    """Token ids of the prompt as the model sees it before its answer; with the chat template, a
+    system message first unless `system_prompt` is None (then the template's own default, if any)."""
     if template == "chat":
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            system + [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(template.format(prompt=prompt))["input_ids"]
 
 
 def encode_examples(examples: list[Example], tokenizer, template: str, max_length: int,
-                    max_prompt_length: int, split: str = "train") -> list[EncodedExample]:
+                    max_prompt_length: int, split: str = "train",
+                    system_prompt: Optional[str] = None) -> list[EncodedExample]:
     """Tokenizes examples; drops (and logs a count of) those whose prompt exceeds max_prompt_length."""
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; responses must end with one")
     encoded, dropped = [], 0
     for example in examples:
-        prompt_ids = render_prompt(tokenizer, template, example.prompt)
+        prompt_ids = render_prompt(tokenizer, template, example.prompt, system_prompt)
         if len(prompt_ids) > max_prompt_length:
             dropped += 1
             continue
@@ -143,7 +147,8 @@ def encode_examples(examples: list[Example], tokenizer, template: str, max_lengt
 def load_split(data: DataConfig, split: str, tokenizer, limit: int = 0) -> list[EncodedExample]:
     """Split `split` of the configured data, tokenized; only its first `limit` examples if limit > 0."""
     examples = load_examples(getattr(data, split), split, data.prompt_field, data.response_field)
-    encoded = encode_examples(examples, tokenizer, data.template, data.max_length, data.max_prompt_length, split)
+    encoded = encode_examples(examples, tokenizer, data.template, data.max_length, data.max_prompt_length, split,
+                              data.system_prompt)
     return encoded[:limit] if limit else encoded
 
 

@@ -88,7 +88,8 @@ def cache_binding(config: Config, teacher_dir: Path, tokenizer, examples: list[E
         "teacher": {"path": str(config.teacher.path), "fingerprint": teacher_fingerprint(teacher_dir),
                     "output_rows": teacher_rows},
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": {"train": str(data.train), "template": data.template, "max_length": data.max_length,
+        "data": {"train": str(data.train), "template": data.template,
+                 "system_prompt": data.system_prompt, "max_length": data.max_length,
                  "max_prompt_length": data.max_prompt_length, "examples": len(examples),
                  "fingerprint": data_fingerprint(examples)},
         "temperature": config.loss.temperature,
@@ -129,6 +130,8 @@ def differences(cached: dict, run: dict) -> list[str]:
         ("data.max_length", cached["data"]["max_length"], run["data"]["max_length"]),
         ("data.max_prompt_length", cached["data"]["max_prompt_length"], run["data"]["max_prompt_length"]),
         ("data.template", cached["data"]["template"], run["data"]["template"]),
+        # caches from before the key have the template's own system message: none
+        ("data.system_prompt", cached["data"].get("system_prompt"), run["data"]["system_prompt"]),
         ("the teacher (teacher.path)", cached["teacher"]["fingerprint"], run["teacher"]["fingerprint"]),
         ("the tokenizer", cached["tokenizer"], run["tokenizer"]),
         ("the train split (data.train)", cached["data"]["fingerprint"], run["data"]["fingerprint"]),

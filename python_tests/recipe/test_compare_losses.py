@@ -32,6 +32,12 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
     assert "| srkl |" in table and "skl better than fkl on test ROUGE-L:" in table
     assert "skl+adaptive better than skl+on_policy on training seconds:" in table
     assert "skl@cache better than skl on test CE:" in table
+    assert "srkl+adaptive better than srkl on test ROUGE-L:" in table
+    assert "| skl+adaptive | " in table.split("Paired differences against the baselines")[1]
+    # The gap shares follow from the row's mean and the two test scores at the ends of the gap.
+    skl = next(row for row in report["studies"]["losses"] if row["config"] == "skl")
+    before, teacher = (report["references"][end]["rougeL"] for end in ("before", "teacher"))
+    assert skl["gap_rouge_l"] == pytest.approx((skl["rouge_l"] - before) / (teacher - before))
     for chart in ("losses.png", "losses_curves.png", "schedules.png", "schedules_curves.png"):
         assert (out / chart).stat().st_size > 10_000, chart
     # A finished run is reused; one run again from scratch gives the same numbers.
@@ -49,4 +55,8 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
 def test_paired_verdicts(diffs, verdict):
     results = [{"config": "skl", "seed": s, "rouge_l": 10 + d} for s, d in enumerate(diffs)]
     results += [{"config": "fkl", "seed": s, "rouge_l": 10.0} for s in range(3)]
-    assert compare_losses.paired(results, "skl", "fkl", lambda r: r["rouge_l"], True)["verdict"].startswith(verdict)
+    p = compare_losses.paired(results, "skl", "fkl", lambda r: r["rouge_l"], True)
+    assert p["verdict"].startswith(verdict)
+    # The interval excludes 0 exactly when the verdict is resolved.
+    low, high = p["ci"]
+    assert low < p["mean"] < high and (low > 0 or high < 0) == (verdict != "not resolved")

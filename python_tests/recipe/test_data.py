@@ -1,5 +1,6 @@
 """Tokenization and batching: labels follow the Hugging Face convention exactly."""
 
+import pytest
 import torch
 from tiny_models import TEMPLATE, make_tokenizer
 
@@ -38,6 +39,32 @@ def test_prompts_are_left_padded_for_generation():
     assert batch["input_ids"][0, -len(encoded[0].prompt_ids):].tolist() == encoded[0].prompt_ids
     assert batch["attention_mask"][0].tolist() == [0, 0] + [1] * len(encoded[0].prompt_ids)
     assert torch.equal(batch["input_ids"][1], torch.tensor(encoded[1].prompt_ids))
+
+
+def test_the_chat_template_gets_the_configured_system_message_or_its_own_default():
+    tokenizer = make_tokenizer(extra_words=("S:", "persona"))
+    # Like SmolLM2's: a default system message unless the conversation starts with one.
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}S: persona {% endif %}"
+                               "{% for m in messages %}{% if m['role'] == 'system' %}S: {{ m['content'] }} "
+                               "{% else %}Q: {{ m['content'] }} A:{% endif %}{% endfor %}")
+    example = [Example("define the noun cat .", "a")]
+
+    def prompt(system_prompt):
+        (encoded,) = encode_examples(example, tokenizer, "chat", 24, 12, system_prompt=system_prompt)
+        return tokenizer.decode(encoded.prompt_ids)
+
+    assert prompt(None) == "S: persona Q: define the noun cat . A:"
+    assert prompt("") == "S: Q: define the noun cat . A:"
+    assert prompt("cat") == "S: cat Q: define the noun cat . A:"
+
+
+def test_a_system_prompt_needs_the_chat_template():
+    from distillm_ext.recipe.config import ConfigError, load_config
+
+    assert load_config(None, ["data.template=Q: {prompt} A:"]).data.system_prompt == ""
+    assert load_config(None, ["data.system_prompt=none"]).data.system_prompt is None
+    with pytest.raises(ConfigError, match="data.system_prompt"):
+        load_config(None, ["data.template=Q: {prompt} A:", "data.system_prompt=be brief"])
 
 
 def test_datasets_folder_arrow_file_and_gzipped_jsonl_load_the_same_examples(tmp_path):

@@ -1,7 +1,7 @@
 """Which KD loss, and which schedule? DistiLLM's claims in miniature, on the built-in default
 with identical steps, data and evaluation, over several seeds.
 
-    python benchmarks/compare_losses.py            # 9 configurations x 3 seeds (see RESULTS.md for the time)
+    python benchmarks/compare_losses.py            # 10 configurations x 3 seeds (see RESULTS.md for the time)
     python benchmarks/compare_losses.py --quick    # a smoke test of the whole pipeline
 
 Protocol (the paper's, scaled down):
@@ -11,12 +11,14 @@ Protocol (the paper's, scaled down):
    repair, and every loss would mostly measure how fast it repairs.
 2. From that student, each configuration trains --steps steps per seed (the seed sets the data
    order and sampling). The loss study: fkl, rkl, skl, srkl, jsd, tvd (`loss.kd_ratio=1`), and
-   gold (`loss.kd_ratio=0`: more SFT, the baseline KD must beat). The schedule study, all skl:
-   sgo.mode off (the skl runs), on_policy and adaptive (the paper's defaults: φ from 0, rising
-   by 0.1 when the validation loss rises by 0.1). The validation loss every --eval-interval
+   gold (`loss.kd_ratio=0`: more SFT, the baseline KD must beat). The schedule study:
+   skl with sgo.mode off (the skl runs), on_policy and adaptive (the paper's defaults: φ from 0,
+   rising by 0.1 when the validation loss rises by 0.1), and srkl off and adaptive. The validation loss every --eval-interval
    steps gives the convergence curves (and feeds the adaptive schedule).
 3. Each final student is scored by `distillm eval` on the test split: cross-entropy on the
    references and ROUGE-L of greedy answers, on --test-examples examples (all 300 by default).
+   The teacher and the warm-started student are scored once the same way: the share of that gap
+   a configuration recovers is (student - before) / (teacher - before).
 
 The offline-teacher study (--teacher-cache DIR, a `distillm cache-teacher` directory of the
 built-in teacher): skl against "skl@cache", the same runs with teacher.cache=DIR and no teacher

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import environment  # noqa: E402
 
-from distillm_ext.recipe.cli import main as distillm  # noqa: E402
+from distillm_ext.recipe.cli import gap_recovered, main as distillm  # noqa: E402
 from distillm_ext.recipe.config import LossType  # noqa: E402
 from distillm_ext.recipe.metrics import read_metrics  # noqa: E402
 
@@ -143,13 +143,6 @@ def mean_val_loss(result: dict) -> float:
     return statistics.mean(loss for step, loss in result["curve"] if step > 0)
 
 
-def gap_recovered(score: float, references: dict, key: str) -> float:
-    """The share of the teacher's lead over the warm-started student that `score` recovers:
-    (student - before) / (teacher - before), for the test score `key` (val_loss or rougeL)."""
-    before, teacher = references["before"][key], references["teacher"][key]
-    return (score - before) / (teacher - before)
-
-
 def summarize(results: list[dict], names, references: dict) -> list[dict]:
     """Per configuration: mean, standard deviation and per-seed values of each score, and the
     share of the teacher's gap its mean recovers."""
@@ -166,8 +159,8 @@ def summarize(results: list[dict], names, references: dict) -> list[dict]:
             row[key] = statistics.mean(values)
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             row[f"{key}_seeds"] = values
-        row["gap_test_loss"] = gap_recovered(row["test_loss"], references, "val_loss")
-        row["gap_rouge_l"] = gap_recovered(row["rouge_l"], references, "rougeL")
+        for key, score in (("test_loss", "val_loss"), ("rouge_l", "rougeL")):  # the share of the mean
+            row[f"gap_{key}"] = gap_recovered(references["teacher"][score], references["before"][score], row[key])
         rows.append(row)
     return rows
 

@@ -16,6 +16,16 @@ from .config import ConfigError
 from .data import EncodedExample, collate_for_training
 
 
+# Indices into host-side data (a teacher cache reads its rows by them): they stay on the host, where
+# reading them back from an accelerator would stall the step.
+HOST_KEYS = frozenset({"example_ids"})
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (asynchronously), its HOST_KEYS left where they are."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class BatchSource(Protocol):
     """What the trainer asks of a batch source."""
 

@@ -181,8 +181,8 @@ class TeacherCache:
                               f"{'; '.join(mismatches)}; make a cache for this config with distillm cache-teacher")
 
     def signal(self, example_ids: torch.Tensor, device: torch.device) -> TeacherTopK:
-        """The top-k of every response position of the examples `example_ids` (b,), in batch
-        order: (N, K) rows, N their response tokens."""
+        """The top-k of every response position of the examples `example_ids` (b,), on the host
+        (batches.HOST_KEYS), in batch order: (N, K) rows on `device`, N their response tokens."""
         parts = []
         for example in example_ids.tolist():
             start = int(self._row_of[example])

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .batches import BatchSource, DatasetBatches
+from .batches import BatchSource, DatasetBatches, to_device
 from .config import Config, check_adaptive_can_engage
 from .data import load_split, pad_token_id
 from .distributed import all_reduce_sum, init_runtime
@@ -157,7 +157,7 @@ class Trainer:
     def train_step(self, timer: StepTimer) -> StepResult:
         """One optimizer step; its statistics stay on the device (no host sync here)."""
         device = self.runtime.device
-        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in self.source.next_batch(self.step)]
+        micro_batches = [to_device(b, device) for b in self.source.next_batch(self.step)]
         local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
         global_tokens = all_reduce_sum(local_tokens.clone().float())
         # The loss of a step is the mean over its response tokens on every rank. DDP and FSDP

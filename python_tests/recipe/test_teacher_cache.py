@@ -13,9 +13,10 @@ import torch
 from tiny_models import make_model, make_tokenizer, overrides
 
 from distillm_ext.recipe import cache_teacher as writer
+from distillm_ext.recipe.batches import to_device
 from distillm_ext.recipe.cli import main
 from distillm_ext.recipe.config import ConfigError, load_config
-from distillm_ext.recipe.data import collate_for_training, load_split
+from distillm_ext.recipe.data import EncodedExample, collate_for_training, load_split
 from distillm_ext.recipe.kd_loss import TeacherHiddenStates, TeacherTopK
 from distillm_ext.recipe.models import load_teacher
 from distillm_ext.recipe.teacher_cache import TeacherCache
@@ -86,6 +87,14 @@ def test_the_cache_holds_the_teachers_top_k_at_every_response_position(tiny_cach
     signal = cache.signal(batch["example_ids"], torch.device("cpu"))
     assert torch.equal(signal.ids.long(), expected_ids)
     assert (signal.logprobs - expected_logprobs).abs().max() <= cache.codec.max_error + 1e-5
+
+
+def test_example_ids_stay_on_the_host_where_the_cache_reads_them():
+    """On an accelerator, reading device-resident ids back would stall every cache-fed step."""
+    batch = collate_for_training([EncodedExample([1, 2], [3, 4], "", index=5)], pad_id=0)
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["example_ids"].device.type == "cpu" and moved["example_ids"].tolist() == [5]
+    assert {moved[k].device.type for k in ("input_ids", "attention_mask", "labels")} == {"meta"}
 
 
 def test_training_from_the_cache_loads_no_teacher_and_learns(tiny, tiny_cache, tmp_path):

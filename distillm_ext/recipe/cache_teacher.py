@@ -77,7 +77,8 @@ class TopKTeacher:
         for chunk in rows.split(POSITIONS_PER_CHUNK):
             logits = chunk if head is None else head(chunk.to(head.weight.dtype))
             scaled = logits[:, :self.codec.vocab_size].float() / self.temperature
-            top = torch.log_softmax(scaled, dim=-1).topk(self.codec.top_k, dim=-1)
+            # most likely first: the first k entries of the cache are the top-k (teacher.cache_top_k)
+            top = torch.log_softmax(scaled, dim=-1).topk(self.codec.top_k, dim=-1, sorted=True)
             ids.append(top.indices)
             logprobs.append(top.values)
         return torch.cat(ids), torch.cat(logprobs)

@@ -55,6 +55,8 @@ class TeacherConfig:
                                               "float32); the loss is computed in float32 either way")
     cache: str = opt("", "a top-k cache of this teacher written by `distillm cache-teacher`: dataset batches read "
                          "the teacher from it, and with sgo.mode=off no teacher model is loaded at all")
+    cache_top_k: int = opt(0, "read only the cache's first (most likely) k ids per position, 0 = all it has: one "
+                              "cache at a large k serves runs at every smaller k")
 
 
 @dataclass
@@ -226,6 +228,7 @@ def validate(config: Config) -> None:
         require(not config.eval.teacher, "eval.teacher", "false without a teacher (teacher.path=none)")
         require(config.sgo.mode == "off", "sgo.mode", "off without a teacher (teacher.path=none)")
         require(not config.teacher.cache, "teacher.cache", "empty without a teacher (teacher.path=none)")
+    require(config.teacher.cache_top_k >= 0, "teacher.cache_top_k", ">= 0 (0 = all the cache has)")
     student = config.student
     require(student.lora_r >= 0, "student.lora_r", ">= 0 (0 = full training)")
     require(student.lora_alpha is None or student.lora_alpha > 0, "student.lora_alpha", "> 0 (or none: 2 x lora_r)")

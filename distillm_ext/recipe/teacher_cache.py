@@ -147,14 +147,19 @@ def _show(value) -> str:
 
 class TeacherCache:
     """A complete cache, opened for reading: `signal(example_ids)` gives the teacher's top-k at
-    the response positions of those examples, decoded, as TeacherTopK."""
+    the response positions of those examples, decoded, as TeacherTopK; with `read_top_k` > 0,
+    only the first (most likely) read_top_k of the K stored."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, read_top_k: int = 0):
         from safetensors import safe_open
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.codec = TopKCodec.from_dict(self.manifest["codec"])
+        if read_top_k > self.codec.top_k:
+            raise ConfigError(f"config key 'teacher.cache_top_k' must be <= the k of teacher.cache "
+                              f"{str(self.directory)!r} ({self.codec.top_k}), got {read_top_k}")
+        self.read_top_k = read_top_k or self.codec.top_k
         examples = self.manifest["data"]["examples"]
         self._codes, shard_of, row_of, lengths = [], [], [], []
         for index, shard in enumerate(self.manifest["shards"]):
@@ -168,10 +173,6 @@ class TeacherCache:
         if len(self._lengths) != examples:
             raise ConfigError(f"teacher.cache {str(self.directory)!r}: its shards hold {len(self._lengths)} "
                               f"examples, its manifest says {examples}; make it again")
-
-    @property
-    def top_k(self) -> int:
-        return self.codec.top_k
 
     def check_binding(self, run: dict) -> None:
         """ConfigError when the run (its `cache_binding`) is not the one the cache was made for."""
@@ -187,7 +188,7 @@ class TeacherCache:
         for example in example_ids.tolist():
             start = int(self._row_of[example])
             parts.append(self._codes[int(self._shard_of[example])][start:start + int(self._lengths[example])])
-        ids, logprobs = self.codec.decode(np.concatenate(parts))
+        ids, logprobs = self.codec.decode(np.concatenate(parts), self.read_top_k)
         return TeacherTopK(ids.to(device=device, dtype=torch.int32, non_blocking=True),
                            logprobs.to(device, non_blocking=True))
 
@@ -199,8 +200,8 @@ def open_teacher_cache(config: Config, tokenizer, examples: list[EncodedExample]
         return None
     from .models import model_dir
 
-    cache = TeacherCache(config.teacher.cache)
-    codec = TopKCodec(vocab_size, min(cache.top_k, vocab_size))  # any K serves a run
+    cache = TeacherCache(config.teacher.cache, config.teacher.cache_top_k)
+    codec = TopKCodec(vocab_size, min(cache.codec.top_k, vocab_size))  # any K serves a run
     cache.check_binding(cache_binding(config, model_dir(config.teacher.path), tokenizer, examples, codec,
                                       cache.manifest["teacher"]["output_rows"], cache.manifest["shard_examples"]))
     return cache

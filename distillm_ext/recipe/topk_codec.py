@@ -73,9 +73,13 @@ class TopKCodec:
         bits = (codes[..., None] >> np.arange(self.entry_bits)) & 1  # (n, K, entry_bits)
         return np.packbits(bits.astype(np.uint8).reshape(len(codes), -1), axis=1, bitorder="little")
 
-    def decode(self, packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, bytes_per_token) uint8 -> (ids (n, K) int64, logprobs (n, K) float32)."""
-        n, width = self.top_k, self.entry_bits
+    def decode(self, packed: np.ndarray, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, bytes_per_token) uint8 -> (ids (n, k) int64, logprobs (n, k) float32): the first
+        `top_k` entries of each row (0 = all K), and only their bits are unpacked. The cache
+        stores entries most likely first, so the first k of a top-K cache are its top-k."""
+        if not 0 <= top_k <= self.top_k:
+            raise ValueError(f"top_k must be in [0, {self.top_k}], got {top_k}")
+        n, width = top_k or self.top_k, self.entry_bits
         bits = np.unpackbits(packed, axis=1, count=n * width, bitorder="little").reshape(len(packed), n, width)
         codes = torch.from_numpy(bits.astype(np.int64) @ (np.int64(1) << np.arange(width, dtype=np.int64)))
         ids = codes & ((1 << self.id_bits) - 1)

@@ -89,6 +89,21 @@ def test_the_cache_holds_the_teachers_top_k_at_every_response_position(tiny_cach
     assert (signal.logprobs - expected_logprobs).abs().max() <= cache.codec.max_error + 1e-5
 
 
+def test_a_run_reads_the_first_k_of_a_larger_cache_which_are_its_top_k(tiny, tiny_cache, tmp_path):
+    """teacher.cache_top_k: one cache at a large k serves a sweep over every smaller k."""
+    directory, _ = tiny_cache
+    trainer = Trainer(load_config(None, overrides(tiny, tmp_path / "run", teacher__cache=directory,
+                                                  teacher__cache_top_k=3)))
+    batch = trainer.source.next_batch(0)[0]
+    first_three = trainer.forwards.teacher_signal(batch)
+    every = TeacherCache(directory).signal(batch["example_ids"], torch.device("cpu"))
+    assert first_three.ids.shape[-1] == 3 and every.ids.shape[-1] == 8
+    assert torch.equal(first_three.ids, every.ids[:, :3]) and torch.equal(first_three.logprobs, every.logprobs[:, :3])
+    assert (every.logprobs.diff(dim=-1) <= 0).all()  # most likely first
+    with pytest.raises(ConfigError, match=r"'teacher.cache_top_k' must be <= the k of teacher.cache .* \(8\), got 9"):
+        Trainer(load_config(None, overrides(tiny, tmp_path / "nine", teacher__cache=directory, teacher__cache_top_k=9)))
+
+
 def test_example_ids_stay_on_the_host_where_the_cache_reads_them():
     """On an accelerator, reading device-resident ids back would stall every cache-fed step."""
     batch = collate_for_training([EncodedExample([1, 2], [3, 4], "", index=5)], pad_id=0)

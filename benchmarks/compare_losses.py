@@ -22,7 +22,9 @@ Protocol (the paper's, scaled down):
 
 The offline-teacher study (--teacher-cache DIR, a `distillm cache-teacher` directory of the
 built-in teacher): skl against "skl@cache", the same runs with teacher.cache=DIR and no teacher
-loaded. `--configs skl skl@cache --teacher-cache DIR` runs it alone.
+loaded. `--configs skl skl@cache --teacher-cache DIR` runs it alone. The K sweep: with a cache
+made at cache.top_k=128, `--configs skl skl@top1 skl@top8 skl@top32 skl@top128 --teacher-cache
+DIR` trains from the first K of its entries (teacher.cache_top_k=K), which are the top-K.
 
 Every finished run keeps its result.json and metrics (its weights are deleted once scored), so
 an interrupted study continues where it stopped (delete the folder to start over). Outputs in
@@ -63,8 +65,13 @@ CONFIGURATIONS = {
 }
 CACHED = "skl@cache"  # skl from the --teacher-cache top-k cache instead of the live teacher
 CONFIGURATIONS[CACHED] = CONFIGURATIONS["skl"]
+# The K sweep: skl@topK reads only the first (most likely) K entries of the cache, so that one
+# cache at k = 128 serves every K.
+CACHE_K = (1, 8, 32, 128)
+CONFIGURATIONS.update({f"skl@top{k}": [*CONFIGURATIONS["skl"], f"teacher.cache_top_k={k}"] for k in CACHE_K})
+CACHED_CONFIGS = (CACHED, *(f"skl@top{k}" for k in CACHE_K))
 LOSS_STUDY = (*LOSSES, "gold")
-CACHE_STUDY = ("skl", CACHED)
+CACHE_STUDY = ("skl", *CACHED_CONFIGS)
 SCHEDULE_STUDY = ("skl", "skl+on_policy", "skl+adaptive", "srkl", "srkl+adaptive")
 SKEWED = ("skl", "srkl")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (for paired differences over seeds).
@@ -113,7 +120,7 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
     if result_file.is_file():
         return json.loads(result_file.read_text())
     started = time.perf_counter()
-    cache = [f"teacher.cache={args.teacher_cache}"] if name == CACHED else []
+    cache = [f"teacher.cache={args.teacher_cache}"] if name in CACHED_CONFIGS else []
     run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], *cache, f"student.path={student}",
                   f"train.seed={seed}", f"train.max_steps={args.steps}", f"eval.interval={args.eval_interval}",
                   f"eval.num_examples={args.curve_examples}", "eval.teacher=false",
@@ -238,7 +245,7 @@ def differences(results: list[dict], names) -> str:
 
 def cache_claims(results: list[dict]) -> list[str]:
     """The offline teacher should cost nothing: a difference within seed noise is what we want."""
-    return claims(results, [(CACHED, "skl", ("rouge_l", "test_loss"))])
+    return claims(results, [(cached, "skl", ("rouge_l", "test_loss")) for cached in CACHED_CONFIGS])
 
 
 def markdown(title: str, rows: list[dict], statements: list[str], schedules: bool) -> str:
@@ -326,7 +333,8 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGURATIONS),
                         help="default: all (the loss study, the schedule study, and skl@cache with --teacher-cache)")
     parser.add_argument("--teacher-cache", type=Path, metavar="DIR",
-                        help="a distillm cache-teacher directory of the teacher: adds skl@cache")
+                        help="a distillm cache-teacher directory of the teacher: adds skl@cache, and serves the "
+                             "skl@topK runs of the K sweep (K up to its cache.top_k)")
     parser.add_argument("--warm-start-steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-interval", type=int, default=10)
@@ -338,9 +346,11 @@ def main(argv=None) -> None:
                         help="2 seeds, 2 warm-start + 3 steps, 8 examples: checks the pipeline, not the claims")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/losses"))
     args = parser.parse_args(argv)
-    args.configs = args.configs or [name for name in CONFIGURATIONS if name != CACHED or args.teacher_cache]
-    if CACHED in args.configs and not args.teacher_cache:
-        parser.error(f"{CACHED} needs --teacher-cache DIR")
+    args.configs = args.configs or [name for name in CONFIGURATIONS
+                                    if name not in CACHED_CONFIGS or (name == CACHED and args.teacher_cache)]
+    needing = [name for name in args.configs if name in CACHED_CONFIGS]
+    if needing and not args.teacher_cache:
+        parser.error(f"{', '.join(needing)} need --teacher-cache DIR")
     if args.quick:
         args.seeds, args.warm_start_steps, args.steps, args.eval_interval = args.seeds[:2], 2, 3, 2
         args.curve_examples = args.test_examples = 8

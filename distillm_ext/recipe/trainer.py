@@ -268,7 +268,8 @@ class Trainer:
             self.source.on_validation(before.val_loss, before_training=True)
             self.history["before"]["student"] = before.to_dict()
         with StopSignals(self.runtime.device, announce=self.runtime.is_main) as stop_signals:
-            with tqdm(total=self.total_steps, initial=self.step, desc="distill", dynamic_ncols=True,
+            task = "sft" if self.config.loss.kd_ratio == 0 else "distill"  # no KD term: fine-tuning
+            with tqdm(total=self.total_steps, initial=self.step, desc=task, dynamic_ncols=True,
                       disable=not self.runtime.is_main) as bar:
                 self._train_loop(bar, stop_signals)
         if self.step < self.total_steps:

@@ -20,14 +20,15 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
     assert distillm(["cache-teacher", *tiny_settings, f"cache.dir={cache}", "cache.top_k=8"]) == 0
     compare_losses.main(["--quick", "--out", str(out), "--teacher-cache", str(cache), "--set", *tiny_settings])
     report = json.loads((out / "results.json").read_text())
-    assert len(report["runs"]) == 2 * len(compare_losses.CONFIGURATIONS)
+    # Every configuration but the K sweep, which needs a cache at k = 128 (this one has k = 8).
+    assert len(report["runs"]) == 2 * (len(compare_losses.CONFIGURATIONS) - len(compare_losses.K_SWEEP))
     assert [row["config"] for row in report["studies"]["losses"]] == list(compare_losses.LOSS_STUDY)
     assert [row["config"] for row in report["studies"]["schedules"]] == list(compare_losses.SCHEDULE_STUDY)
-    assert [row["config"] for row in report["studies"]["cache"]] == list(compare_losses.CACHE_STUDY)
+    assert [row["config"] for row in report["studies"]["cache"]] == ["skl", compare_losses.CACHED]
     assert all(run["test_examples"] == 8 and [s for s, _ in run["curve"]] == [0, 2, 3] for run in report["runs"])
-    by_config = {run["config"]: run for run in report["runs"]}
-    assert by_config["skl+on_policy"]["sources"] == {"dataset": 0, "generate": 3, "replay": 0}
-    assert by_config["skl"]["sources"]["dataset"] == 3 and by_config["skl"]["phi"] == [0.0] * 3
+    by_config = {(run["config"], run["seed"]): run for run in report["runs"]}
+    assert by_config["skl+on_policy", 1]["sources"] == {"dataset": 0, "generate": 3, "replay": 0}
+    assert by_config["skl", 1]["sources"]["dataset"] == 3 and by_config["skl", 1]["phi"] == [0.0] * 3
     table = (out / "study.md").read_text()
     assert "| srkl |" in table and "skl better than fkl on test ROUGE-L:" in table
     assert "skl+adaptive better than skl+on_policy on training seconds:" in table
@@ -48,6 +49,12 @@ def test_quick_study_runs_and_reruns_reproduce(tiny, tmp_path):
                          *tiny_settings])
     after = json.loads((again / "result.json").read_text())
     assert {k: after[k] for k in ("test_loss", "rouge_l", "curve")} == {k: before[k] for k in ("test_loss", "rouge_l", "curve")}
+    # The K sweep reads the first K entries of the cache: K = 8, all of them, is skl@cache again.
+    compare_losses.main(["--quick", "--out", str(out), "--configs", "skl@top1", "skl@top8", "--seeds", "1",
+                         "--teacher-cache", str(cache), "--set", *tiny_settings])
+    sweep = {run["config"]: run for run in json.loads((out / "results.json").read_text())["runs"]}
+    assert sweep["skl@top8"]["curve"] == by_config["skl@cache", 1]["curve"]
+    assert sweep["skl@top1"]["curve"] != sweep["skl@top8"]["curve"]
 
 
 @pytest.mark.parametrize("diffs, verdict", [([1.0, 1.2, 0.9], "holds"), ([-1.0, -1.1, -0.9], "contradicted"),

@@ -27,7 +27,10 @@ made at cache.top_k=128, `--configs skl skl@top1 skl@top8 skl@top32 skl@top128 -
 DIR` trains from the first K of its entries (teacher.cache_top_k=K), which are the top-K.
 
 Every finished run keeps its result.json and metrics (its weights are deleted once scored), so
-an interrupted study continues where it stopped (delete the folder to start over). Outputs in
+an interrupted study continues where it stopped (delete the folder to start over). A study
+longer than one sitting goes in benchmarks/studies/NAME: git keeps its scored runs (a few kB
+each, with the machine, date and commit they ran on) and ignores the warm start's weights,
+which a later sitting retrains from the same seed; a finished study reports without them. Outputs in
 --out: results.json (every run and the summaries), study.md (tables and a verdict per claim),
 losses.png / schedules.png (means with standard deviations) and *_curves.png.
 """
@@ -35,15 +38,19 @@ losses.png / schedules.png (means with standard deviations) and *_curves.png.
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import math
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,6 +92,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model or platform.machine()}"
 
 
+def commit() -> str:
+    """The commit this script runs from, "+" marking local changes ("" outside a git checkout)."""
+    described = subprocess.run(["git", "describe", "--always", "--dirty=+"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True)
+    return described.stdout.strip()
+
+
 def run_distillm(args: list[str]) -> None:
     code = distillm(args)
     if code != 0:
@@ -92,7 +106,8 @@ def run_distillm(args: list[str]) -> None:
 
 
 def warm_start(args) -> Path:
-    """The SFT student every configuration starts from (trained once, reused)."""
+    """The SFT student every configuration starts from (trained once, reused; main asks for it
+    only when something is left to train or score, so a finished study reports without it)."""
     run = args.out / "warm_start"
     model = run / "checkpoints" / f"step-{args.warm_start_steps:06d}" / "model"
     if not model.is_dir():
@@ -101,20 +116,21 @@ def warm_start(args) -> Path:
     return model
 
 
-def reference_scores(args, student: Path) -> dict:
+def reference_scores(args, student: Callable[[], Path]) -> dict:
     """Test scores of the teacher and of the warm-started student, the two ends of the gap each
     configuration closes a share of (scored once, cached beside the runs)."""
     scores = {}
-    for name, model in (("teacher", "teacher"), ("before", str(student))):
+    for name in ("teacher", "before"):
         output = args.out / f"{name}_test_scores.json"
         if not output.is_file():
+            model = "teacher" if name == "teacher" else str(student())
             run_distillm(["eval", "--model", model, "--split", "test", "--output", str(output), *args.set,
                           f"eval.num_examples={args.test_examples}"])
         scores[name] = json.loads(output.read_text())
     return scores
 
 
-def train_and_score(name: str, seed: int, student: Path, args) -> dict:
+def train_and_score(name: str, seed: int, student: Callable[[], Path], args) -> dict:
     """One configuration and seed: train, then score on the test split; cached in result.json."""
     run = args.out / f"{name}-{seed}"
     result_file = run / "result.json"
@@ -122,7 +138,7 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
         return json.loads(result_file.read_text())
     started = time.perf_counter()
     cache = [f"teacher.cache={args.teacher_cache}"] if name in CACHED_CONFIGS else []
-    run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], *cache, f"student.path={student}",
+    run_distillm(["train", "--overwrite", *args.set, *CONFIGURATIONS[name], *cache, f"student.path={student()}",
                   f"train.seed={seed}", f"train.max_steps={args.steps}", f"eval.interval={args.eval_interval}",
                   f"eval.num_examples={args.curve_examples}", "eval.teacher=false",
                   "output.checkpoint_interval=0", "output.plots=false", f"output.dir={run}"])
@@ -140,6 +156,8 @@ def train_and_score(name: str, seed: int, student: Path, args) -> dict:
               # distilling only (generation included; evaluations and checkpoints not), as bench_sgo
               "train_s": sum(r["elapsed_s"] for r in steps), "wall_s": wall_s,
               "phi": [r.get("phi", 0.0) for r in steps],
+              # A study may span sessions (see --out): each run says where and when it ran.
+              "machine": machine(), "commit": commit(), **environment(),
               "sources": {kind: sum(r.get("sources", {r["source"]: 1}).get(kind, 0) for r in steps)
                           for kind in ("dataset", "generate", "replay")}}
     result_file.write_text(json.dumps(result, indent=1) + "\n")
@@ -301,10 +319,18 @@ def plot(rows: list[dict], results: list[dict], out: Path, name: str) -> None:
     plt.close("all")
 
 
+def origins(results: list[dict]) -> str:
+    """How many runs ran where, on which day and from which commit."""
+    where = collections.Counter(f"{r['date'][:10]} on {r['machine']} ({r['cpu_capability']}), commit {r['commit']}"
+                                if "commit" in r else "unrecorded" for r in results)
+    return "; ".join(f"{count} {origin}" for origin, count in where.items())
+
+
 def report(results: list[dict], references: dict, meta: dict, out: Path) -> str:
     """results.json, study.md and the charts of both studies (each only if any of its runs ran)."""
     teacher, before = references["teacher"], references["before"]
-    sections = [f"Machine: {meta['machine']}; date {meta['date']}; command `{meta['command']}`.", "",
+    sections = [f"Reported on {meta['machine']}, {meta['date']}, commit {meta['commit']}; command "
+                f"`{meta['command']}`.", "", f"The runs: {origins(results)}.", "",
                 f"Test scores, the ends of the gap: teacher CE {teacher['val_loss']:.4f}, ROUGE-L "
                 f"{teacher['rougeL']:.2f}; warm-started student CE {before['val_loss']:.4f}, ROUGE-L "
                 f"{before['rougeL']:.2f}.", ""]
@@ -362,7 +388,7 @@ def main(argv=None) -> None:
         args.curve_examples = args.test_examples = 8
         args.set = [*args.set, "eval.max_new_tokens=8", "eval.batch_size=8"]
     args.out.mkdir(parents=True, exist_ok=True)
-    student = warm_start(args)
+    student = functools.cache(lambda: warm_start(args))
     references = reference_scores(args, student)
     results = []
     for seed in args.seeds:
@@ -372,7 +398,7 @@ def main(argv=None) -> None:
             print(f"{name:>5} seed {seed}: ROUGE-L {r['rouge_l']:.2f}, test CE {r['test_loss']:.4f}, "
                   f"mean val loss {mean_val_loss(r):.4f}", flush=True)
     command = " ".join(["python benchmarks/compare_losses.py", *(argv if argv is not None else sys.argv[1:])])
-    meta = {**environment(), "machine": machine(), "command": command, **{k: str(v) for k, v in vars(args).items()}}
+    meta = {**environment(), "machine": machine(), "commit": commit(), "command": command, **{k: str(v) for k, v in vars(args).items()}}
     print(report(results, references, meta, args.out))
 
 

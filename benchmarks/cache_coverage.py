@@ -16,22 +16,23 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from distillm_ext.recipe.config import load_config
+from distillm_ext.recipe.config import ConfigError, load_config
 from distillm_ext.recipe.data import load_split
 from distillm_ext.recipe.models import model_dir
-from distillm_ext.recipe.teacher_cache import TeacherCache, data_fingerprint
+from distillm_ext.recipe.teacher_cache import open_teacher_cache, read_manifest
 
 
 def coverage(cache_dir: Path, overrides: list[str], ks: list[int]) -> list[dict]:
-    config = load_config(None, overrides)
+    codec = read_manifest(cache_dir)["codec"]
+    if max(ks) > codec["top_k"]:
+        sys.exit(f"--ks: at most the cache's k, {codec['top_k']}")
+    config = load_config(None, [*overrides, f"teacher.cache={cache_dir}"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir(config.teacher.path))
     examples = load_split(config.data, "train", tokenizer)
-    cache = TeacherCache(cache_dir)
-    if cache.manifest["data"]["fingerprint"] != data_fingerprint(examples):
-        sys.exit(f"{cache_dir} was made from another train split than this config's (pass the cache's "
-                 f"settings with --set)")
-    if max(ks) > cache.codec.top_k:
-        sys.exit(f"--ks: at most the cache's k, {cache.codec.top_k}")
+    try:  # the check a training run makes: this teacher, tokenizer, split and temperature
+        cache = open_teacher_cache(config, tokenizer, examples, codec["vocab_size"])
+    except ConfigError as error:
+        sys.exit(f"{error} (pass the cache's settings with --set)")
     signal = cache.signal(torch.arange(len(examples)), torch.device("cpu"))
     references = torch.tensor([token for example in examples for token in example.response_ids])
     rows = []

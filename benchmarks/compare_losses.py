@@ -30,8 +30,8 @@ Every finished run keeps its result.json and metrics (its weights are deleted on
 an interrupted study continues where it stopped (delete the folder to start over). A study
 longer than one sitting goes in benchmarks/studies/NAME: git keeps its scored runs (a few kB
 each, with the machine, date and commit they ran on) and ignores the warm start's weights,
-which a later sitting retrains from the same seed (on the same CPU copy, to the same scores);
-a finished study reports without them. Outputs in --out: results.json (every run and the
+which a later sitting retrains from the same seed (on the same CPU copy and commit, to the
+same scores); a finished study reports without them. Outputs in --out: results.json (every run and the
 summaries), study.md (tables and a verdict per claim), losses.png / schedules.png (means with
 standard deviations) and *_curves.png.
 """

@@ -98,7 +98,8 @@ class LossConfig:
     alpha: float = opt(0.1, "skew of skl/srkl, in [0, 1)")
     beta: float = opt(0.5, "weight of jsd, in (0, 1)")
     temperature: float = opt(1.0, "softmax temperature of both distributions")
-    kd_ratio: float = opt(1.0, "loss = kd_ratio * KD + (1 - kd_ratio) * cross-entropy on the responses")
+    kd_ratio: float = opt(1.0, "loss = kd_ratio * KD + (1 - kd_ratio) * cross-entropy on the responses (0: no "
+                               "teacher is loaded, as in `distillm sft`)")
     fused_linear: bool = opt(True, "compute the loss from the final hidden states and output embeddings, a chunk "
                                    "of response tokens at a time, never building [tokens, vocab] logits (off, with "
                                    "a warning, for models whose logits are more than hidden @ W.T + b)")
@@ -137,7 +138,8 @@ class EvalConfig:
     temperature: float = opt(1.0, "sampling temperature (do_sample only)")
     top_p: float = opt(1.0, "nucleus sampling (do_sample only)")
     top_k: int = opt(0, "top-k sampling, 0 = off (do_sample only)")
-    teacher: bool = opt(True, "also score the teacher, once before training")
+    teacher: bool = opt(True, "also score the teacher, once before training (when one is loaded: not with "
+                              "loss.kd_ratio=0, nor with teacher.cache and sgo.mode=off)")
 
 
 @dataclass

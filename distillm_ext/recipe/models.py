@@ -232,9 +232,11 @@ class Models:
 
 
 def needs_live_teacher(config: Config) -> bool:
-    """A teacher model is loaded unless there is none, or its cache (teacher.cache) answers every
+    """A teacher model is loaded unless there is none, the loss never reads it (loss.kd_ratio=0:
+    plain fine-tuning, the same as `distillm sft`), or its cache (teacher.cache) answers every
     batch: with sgo.mode=off, every batch is a dataset batch."""
-    return config.teacher.path != NO_TEACHER and not (config.teacher.cache and config.sgo.mode == "off")
+    return (config.teacher.path != NO_TEACHER and config.loss.kd_ratio > 0
+            and not (config.teacher.cache and config.sgo.mode == "off"))
 
 
 def teacher_dtype(config: Config, bf16: bool) -> torch.dtype:

@@ -195,8 +195,8 @@ class TeacherCache:
 
 def open_teacher_cache(config: Config, tokenizer, examples: list[EncodedExample], vocab_size: int) -> Optional[TeacherCache]:
     """The run's teacher.cache, checked against the run (tokenizer, encoded train `examples`, the
-    shared `vocab_size`, ...); None when the run has none."""
-    if not config.teacher.cache:
+    shared `vocab_size`, ...); None when the run has none, or its loss has no KD term to read it."""
+    if not config.teacher.cache or config.loss.kd_ratio == 0:
         return None
     from .models import model_dir
 

@@ -43,6 +43,21 @@ def test_sft_builds_no_teacher(tiny, tmp_path):
     assert trainer.teacher is None and trainer.vocab_size == trainer.student.config.vocab_size
 
 
+def test_a_distilling_run_without_its_kd_term_is_sft(tiny, tmp_path):
+    """loss.kd_ratio=0 never reads the teacher, so none is loaded (a loss study's gold baseline
+    pays for no teacher forwards), and the run trains step for step as `distillm sft` does."""
+    def steps(run):
+        return [(r["loss"], r["kd_loss"], r["ce_loss"], r["grad_norm"]) for r in train_records(run)]
+
+    own_student = {"student__path": tiny["student"], "train__max_steps": 4}
+    assert main(["train", *overrides(tiny, tmp_path / "gold", **own_student), "loss.kd_ratio=0"]) == 0
+    assert main(["sft", *sft_overrides(tiny, tmp_path / "sft", train__max_steps=4)]) == 0
+    assert steps(tmp_path / "gold") == steps(tmp_path / "sft")
+    assert all(kd == 0.0 for _, kd, _, _ in steps(tmp_path / "gold"))
+    pruned = Trainer(load_config(None, overrides(tiny, tmp_path / "pruned") + ["loss.kd_ratio=0"]))
+    assert pruned.teacher is None and pruned.student.config.num_hidden_layers == 2  # still built from its layers
+
+
 @pytest.mark.parametrize("setting, message", [
     ("loss.kd_ratio=0.5", "'loss.kd_ratio' must be 0 without a teacher"),
     ("sgo.mode=on_policy", "'sgo.mode' must be off without a teacher"),

@@ -1,7 +1,7 @@
 """Which KD loss, and which schedule? DistiLLM's claims in miniature, on the built-in default
 with identical steps, data and evaluation, over several seeds.
 
-    python benchmarks/compare_losses.py            # 10 configurations x 5 seeds, 80 steps: ~3.6 h on 2 cores
+    python benchmarks/compare_losses.py            # 10 configurations x 5 seeds, 80 steps: ~4 h on 2 cores
     python benchmarks/compare_losses.py --quick    # a smoke test of the whole pipeline
 
 Protocol (the paper's, scaled down):

@@ -1,0 +1,76 @@
+"""The trainer's AdamW step (recipe/optim.py) with each of torch's implementations, on the
+parameters of the built-in models: should the trainer ask for fused=True?
+
+    python benchmarks/bench_optimizer.py                   # the rows of RESULTS.md
+
+Models: the default student (`distillm train`) and the whole 30-layer instruct model (what
+`distillm sft` updates when it tunes the built-in teacher). Implementations:
+- foreach: torch's default on CPU and CUDA, and what build_optimizer builds today;
+- fused: one kernel over every parameter (CPU and CUDA);
+- for-loop: one parameter at a time.
+
+Every implementation starts from the same weights and takes the same sequence of random
+gradients. Reports the median milliseconds of a step after warm-up, the ratio to foreach, and
+the largest difference from foreach's weights after the timed steps, relative to the weight's
+size (0 = bitwise the same weights).
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import environment, print_table, time_ms, write_json  # noqa: E402
+
+from distillm_ext.recipe.config import load_config  # noqa: E402
+from distillm_ext.recipe.models import build_student  # noqa: E402
+
+MODELS = {"default student": [], "instruct model (teacher tuning)": ["student.path=builtin-untuned"]}
+IMPLEMENTATIONS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
+
+
+def trained_weights(model, implementation: dict, lr: float, weight_decay: float, warmup: int, reps: int):
+    """(milliseconds per step, the weights after warmup + reps steps) of AdamW over `model`'s
+    trainable parameters; the gradients come from a fixed seed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **implementation)
+    generator = torch.Generator().manual_seed(0)
+
+    def new_gradients():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+
+    times = time_ms(optimizer.step, "cpu", warmup, reps, setup=new_gradients)
+    return statistics.median(times), [p.detach() for p in params]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/optimizer.json"))
+    args = parser.parse_args()
+    rows = []
+    for model_name, overrides in MODELS.items():
+        config = load_config(None, overrides)
+        model, _ = build_student(config)
+        baseline = None
+        for name, implementation in IMPLEMENTATIONS.items():
+            ms, weights = trained_weights(copy.deepcopy(model), implementation, config.train.lr,
+                                          config.train.weight_decay, args.warmup, args.reps)
+            baseline = baseline or (ms, weights)
+            deviation = max(((w - b).abs().max() / b.abs().max()).item() for w, b in zip(weights, baseline[1]))
+            rows.append(dict(model=model_name, parameters=sum(w.numel() for w in weights), impl=name,
+                             ms=ms, vs_foreach=baseline[0] / ms, deviation=deviation))
+    print_table(rows, [("model", "model", "{}"), ("parameters", "parameters", "{:,}"), ("impl", "AdamW", "{}"),
+                       ("ms", "ms per step", "{:.1f}"), ("vs_foreach", "speed vs foreach", "{:.2f}x"),
+                       ("deviation", "weights vs foreach (relative)", "{:.1e}")])
+    write_json(args.output, rows, environment())
+
+
+if __name__ == "__main__":
+    main()

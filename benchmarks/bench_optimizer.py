@@ -29,7 +29,10 @@ from harness import environment, print_table, time_ms, write_json  # noqa: E402
 from distillm_ext.recipe.config import load_config  # noqa: E402
 from distillm_ext.recipe.models import build_student  # noqa: E402
 
-MODELS = {"default student": [], "instruct model (teacher tuning)": ["student.path=builtin-untuned"]}
+# The default student pruned from the untuned teacher: the same parameters' shapes as from the
+# tuned one, without tuning it first on a fresh cache.
+MODELS = {"default student": ["teacher.path=builtin-untuned"],
+          "instruct model (teacher tuning)": ["student.path=builtin-untuned"]}
 IMPLEMENTATIONS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
 
 
